@@ -1,0 +1,302 @@
+"""Functional API: Prism block mask and Prism attention.
+
+Compile boundaries (explicit, built lazily on first use so that importing the package compiles
+nothing and never touches CUDA):
+
+- ``_score_inputs``: pooling, bands and temperatures, once per call;
+- ``_select_rows``: block logits, softmax, top-p, union and index compaction for a chunk of
+  query blocks (one chunk unless the scores would exceed ``config.max_score_elements``);
+- ``flex_attention`` itself.
+
+All three are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
+sequence length. Inside a model that the user compiles, they are traced inline.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .block_mask import block_mask_from_tables, compact_blocks, with_table_mask_mod
+from .config import PrismConfig
+from .scoring import (
+    band,
+    band_logits,
+    band_temperature,
+    block_softmax,
+    causal_block_geometry,
+    pool_blocks,
+)
+from .selection import combine_selection, top_p_select
+
+__all__ = [
+    "check_inputs",
+    "score_inputs",
+    "select_blocks",
+    "prism_block_mask",
+    "prism_attention",
+    "dense_causal_attention",
+    "block_density",
+]
+
+_DEFAULT_CONFIG = PrismConfig()
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> None:
+    """Raise ``TypeError``/``ValueError`` for inputs the attention cannot take.
+
+    Expected: q ``(B, Hq, Lq, D)``, k and v ``(B, Hkv, Lkv, D)``, one floating dtype and one
+    device, ``Hq % Hkv == 0``, ``1 <= Lq <= Lkv``, ``D`` even.
+    """
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (batch, heads, seq_len, head_dim), got shape "
+                f"{tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(
+                f"q and {name} must be on the same device, got {q.device} and {t.device}"
+            )
+    bq, hq, lq, d = q.shape
+    bk, hkv, lkv, dk = k.shape
+    if bk != bq:
+        raise ValueError(f"q and k must have the same batch size, got {bq} and {bk}")
+    if dk != d:
+        raise ValueError(f"q and k must have the same head_dim, got {d} and {dk}")
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise ValueError(
+            f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a multiple of the number of key/value "
+            f"heads ({hkv})"
+        )
+    if lq == 0 or lkv == 0:
+        raise ValueError(f"empty sequence: q_len={lq}, kv_len={lkv}")
+    if lq > lkv:
+        raise ValueError(
+            f"q_len ({lq}) must not exceed kv_len ({lkv}): queries are the last q_len "
+            "positions of the key sequence (bottom-right causal alignment)"
+        )
+    if d % 2:
+        raise ValueError(f"head_dim must be even (RoPE pairs), got {d}")
+
+
+def score_inputs(q: Tensor, k: Tensor, config: PrismConfig) -> dict[str, Tensor]:
+    """Pooled bands and their logit divisors, the per-call part of the scoring.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lkv, D)``.
+    Returns:
+        ``{"q_high", "k_high", "q_low", "k_low"}``: pooled band vectors, float32
+        ``(B, H, N, d_band)``; ``{"div_high", "div_low"}``: ``(B, Hq)`` divisors
+        ``sqrt(d_band) * t_band`` of the band logits.
+    """
+    high_dims, low_dims = config.band_dims(q.shape[-1])
+    q_pool = pool_blocks(q, config.block_size)
+    k_pool = pool_blocks(k, config.block_size)
+    out = {}
+    for name, dims, temperature in (
+        ("high", high_dims, config.high_temperature),
+        ("low", low_dims, config.low_temperature),
+    ):
+        q_band = band(q_pool, dims, name, config.rope_layout)
+        k_band = band(k_pool, dims, name, config.rope_layout)
+        if config.calibrate:
+            t = band_temperature(q_pool, k_pool, q_band, k_band)
+        else:
+            t = torch.full(q.shape[:2], temperature, dtype=torch.float32, device=q.device)
+        out[f"q_{name}"] = q_band
+        out[f"k_{name}"] = k_band
+        out[f"div_{name}"] = math.sqrt(dims) * t
+    return out
+
+
+def select_blocks(
+    scores: dict[str, Tensor], row_start: int, num_rows: int, q_len: int, kv_len: int,
+    config: PrismConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Selected key blocks of query blocks ``row_start .. row_start + num_rows - 1``.
+
+    Args:
+        scores: the output of :func:`score_inputs`.
+    Returns:
+        ``(selected, allowed, diagonal)``: bool ``(B, Hq, R, Nk)``, ``(R, Nk)``, ``(R, Nk)``.
+    """
+    q_high = scores["q_high"][:, :, row_start : row_start + num_rows]
+    q_low = scores["q_low"][:, :, row_start : row_start + num_rows]
+    nk = scores["k_high"].shape[2]
+    allowed, diagonal = causal_block_geometry(
+        row_start, num_rows, nk, q_len, kv_len, config.block_size, q_high.device
+    )
+    high = top_p_select(
+        block_softmax(band_logits(q_high, scores["k_high"], scores["div_high"]), allowed),
+        config.high_threshold,
+    )
+    low = top_p_select(
+        block_softmax(band_logits(q_low, scores["k_low"], scores["div_low"]), allowed),
+        config.low_threshold,
+    )
+    selected = combine_selection(
+        high, low, allowed, diagonal, config.force_sink, config.force_diagonal
+    )
+    return selected, allowed, diagonal
+
+
+def _select_tables(scores, row_start, num_rows, q_len, kv_len, config):
+    """``select_blocks`` followed by compaction into partial (diagonal) and full index tables."""
+    selected, allowed, diagonal = select_blocks(
+        scores, row_start, num_rows, q_len, kv_len, config
+    )
+    partial_num, partial_idx = compact_blocks(selected & diagonal)
+    full_num, full_idx = compact_blocks(selected & ~diagonal)
+    return partial_num, partial_idx, full_num, full_idx
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    """The compiled stages, built on first use (never at import)."""
+    fn = {"score": score_inputs, "tables": _select_tables, "flex": flex_attention}[name]
+    return torch.compile(fn, fullgraph=True, dynamic=True)
+
+
+def prism_block_mask(
+    q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *, compiled: bool = True
+) -> BlockMask:
+    """The Prism ``BlockMask`` of a causal attention.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` after RoPE; k: ``(B, Hkv, Lkv, D)`` after RoPE; ``Lq <= Lkv``.
+        config: selection settings.
+        compiled: run the scoring through ``torch.compile`` (``False``: eager, for debugging
+            and tests).
+    Returns:
+        A forward-only ``BlockMask`` with one row per *query* head, ``BLOCK_SIZE =
+        config.block_size``, ``seq_lengths = (Lq, Lkv)``: the diagonal blocks are partial
+        (token-level bottom-right causal ``mask_mod``), the other selected blocks full.
+    """
+    check_inputs(q, k)
+    config.band_dims(q.shape[-1])
+    score_fn = _compiled("score") if compiled else score_inputs
+    tables_fn = _compiled("tables") if compiled else _select_tables
+    bs = config.block_size
+    batch, hq, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    nq = (q_len + bs - 1) // bs
+    nk = (kv_len + bs - 1) // bs
+    scores = score_fn(q, k, config)
+    rows = max(1, config.max_score_elements // (batch * hq * nk))
+    if nq <= rows:
+        tables = tables_fn(scores, 0, nq, q_len, kv_len, config)
+    else:
+        # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
+        tables = _empty_tables(batch, hq, nq, nk, q.device)
+        for start in range(0, nq, rows):
+            n = min(rows, nq - start)
+            for dst, src in zip(tables, tables_fn(scores, start, n, q_len, kv_len, config)):
+                dst[:, :, start : start + n].copy_(src)
+    offset = torch.full((), kv_len - q_len, dtype=torch.int32, device=q.device)
+    return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
+
+
+def _empty_tables(batch, heads, nq, nk, device):
+    num = functools.partial(torch.empty, (batch, heads, nq), dtype=torch.int32, device=device)
+    idx = functools.partial(torch.empty, (batch, heads, nq, nk), dtype=torch.int32, device=device)
+    return num(), idx(), num(), idx()
+
+
+def block_density(block_mask: BlockMask) -> Tensor:
+    """Share of the causally visible (query block, key block) pairs that a mask computes.
+
+    Returns:
+        float32 ``(B, H)``.
+    """
+    q_len, kv_len = block_mask.seq_lengths
+    bs = block_mask.BLOCK_SIZE[0]
+    nq = block_mask.kv_num_blocks.shape[-1]
+    rows = torch.arange(nq, device=block_mask.kv_num_blocks.device)
+    last = torch.clamp((rows + 1) * bs, max=q_len) - 1 + (kv_len - q_len)
+    visible = (last // bs + 1).sum()
+    chosen = block_mask.kv_num_blocks.sum(-1)
+    if block_mask.full_kv_num_blocks is not None:
+        chosen = chosen + block_mask.full_kv_num_blocks.sum(-1)
+    return chosen.float() / visible.float()
+
+
+def dense_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None
+) -> Tensor:
+    """Dense causal attention with bottom-right alignment (queries are the last Lq positions).
+
+    Shapes as :func:`prism_attention`. Uses SDPA with native GQA (no repeated K/V).
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(q_len, kv_len), scale=scale, enable_gqa=gqa
+    )
+
+
+def prism_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: PrismConfig = _DEFAULT_CONFIG,
+    *,
+    scale: Optional[float] = None,
+    return_density: bool = False,
+    compiled: bool = True,
+):
+    """Causal attention over the Prism-selected blocks; a drop-in for
+    ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)``.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` after RoPE; k, v: ``(B, Hkv, Lkv, D)``; ``Hq % Hkv == 0`` (GQA
+            is native: K/V are never repeated); ``Lq <= Lkv`` (a prefill chunk continuing a
+            KV cache sits at the end, bottom-right causal alignment).
+        config: selection settings; ``Lq < config.dense_below`` runs dense attention.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_density: also return the per-head block density.
+        compiled: use the compiled scoring and ``flex_attention``. ``False`` runs everything
+            eagerly (FlexAttention then evaluates the mask on every pair: O(Lq * Lkv)
+            memory; for tests and debugging at small sizes).
+    Returns:
+        ``(B, Hq, Lq, D)`` in the input dtype, and with ``return_density`` a float32
+        ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
+    """
+    check_inputs(q, k, v)
+    if q.shape[2] < config.dense_below:
+        out = dense_causal_attention(q, k, v, scale=scale)
+        if return_density:
+            return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
+        return out
+    mask = prism_block_mask(q, k, config, compiled=compiled)
+    if compiled:
+        flex = _compiled("flex")
+    else:
+        flex, mask = flex_attention, with_table_mask_mod(mask)
+    out = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if return_density:
+        return out, block_density(mask)
+    return out

@@ -1,0 +1,102 @@
+"""From a block selection to FlexAttention's ``BlockMask``.
+
+The diagonal key blocks of each query block become FlexAttention's *partial* blocks (the
+token-level causal ``mask_mod`` runs on them); every other selected block is a *full* block
+(no ``mask_mod``, the fast path). Index tables come from the boolean table by a prefix-sum
+compaction, O(Nq * Nk) per head and no sort.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+__all__ = ["compact_blocks", "causal_mask_mod", "block_mask_from_tables"]
+
+
+def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise list of the True columns of a boolean block table.
+
+    Args:
+        table: bool ``(B, H, R, Nk)``.
+    Returns:
+        ``(num_blocks, indices)``: int32 ``(B, H, R)`` and int32 ``(B, H, R, Nk)`` (full width,
+        contiguous, as FlexAttention wants); row ``r`` lists its True columns in increasing
+        order in ``indices[..., :num_blocks]``, the rest is 0.
+    """
+    nk = table.shape[-1]
+    num = table.sum(dim=-1, dtype=torch.int32)
+    # Position of each True entry in its row's list; False entries go to a spill column.
+    pos = torch.cumsum(table, dim=-1, dtype=torch.int32) - 1
+    pos = torch.where(table, pos, nk).to(torch.int64)
+    cols = torch.arange(nk, dtype=torch.int32, device=table.device).expand_as(pos)
+    out = torch.zeros(*table.shape[:-1], nk + 1, dtype=torch.int32, device=table.device)
+    out = out.scatter(-1, pos, cols)
+    return num, out[..., :nk].contiguous()
+
+
+def causal_mask_mod(offset: Tensor):
+    """Bottom-right causal ``mask_mod``: query ``q_idx`` sees keys ``kv_idx <= q_idx + offset``.
+
+    ``offset`` (``kv_len - q_len``) is a 0-dim int tensor, not a Python int, so that a compiled
+    ``flex_attention`` does not specialise (and recompile) on it.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return mask_mod
+
+
+def block_mask_from_tables(
+    partial_num: Tensor,
+    partial_idx: Tensor,
+    full_num: Tensor,
+    full_idx: Tensor,
+    offset: Tensor,
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+) -> BlockMask:
+    """Wrap index tables (as from :func:`compact_blocks`) into a forward-only ``BlockMask``.
+
+    ``compute_q_blocks=False``: the transposed tables are only needed by the backward pass,
+    and Prism is inference-only.
+    """
+    return BlockMask.from_kv_blocks(
+        partial_num,
+        partial_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=causal_mask_mod(offset),
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=False,
+    )
+
+
+def with_table_mask_mod(block_mask: BlockMask) -> BlockMask:
+    """The same mask, with a ``mask_mod`` that also looks up the selected blocks.
+
+    Eager (uncompiled) ``flex_attention`` ignores the block lists and evaluates ``mask_mod``
+    on every (query, key) pair; this makes it honour the block selection. Memory is the
+    ``(B, H, Nq, Nk)`` block table, index arithmetic stays at block level.
+    """
+    table = block_mask.to_dense().bool()
+    causal = block_mask.mask_mod
+    q_bs, kv_bs = block_mask.BLOCK_SIZE
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[b, h, q_idx // q_bs, kv_idx // kv_bs] & causal(b, h, q_idx, kv_idx)
+
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=block_mask.seq_lengths,
+        compute_q_blocks=False,
+    )

@@ -1,0 +1,126 @@
+"""PrismConfig: every knob of the Prism selection, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["PrismConfig", "ROPE_LAYOUTS"]
+
+#: Supported RoPE layouts of the inputs.
+#: ``"half"``: rotate-half (Llama, Qwen, Mistral): pair ``i`` is dims ``(i, i + D/2)``.
+#: ``"interleaved"``: GPT-J / GPT-NeoX-interleaved: pair ``i`` is dims ``(2i, 2i + 1)``.
+ROPE_LAYOUTS = ("half", "interleaved")
+
+# Default band widths as fractions of the head dim (64 and 96 of a 128-wide head).
+_HIGH_FRACTION = 0.5
+_LOW_FRACTION = 0.75
+
+
+def _even_fraction(head_dim: int, fraction: float) -> int:
+    """``fraction * head_dim`` rounded half-up to an even number of dims, at least one pair."""
+    return max(2, 2 * int(math.floor(fraction * head_dim / 2 + 0.5)))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class PrismConfig:
+    """Configuration of Prism block selection.
+
+    Attributes:
+        block_size: tokens per block, for both the selection and the FlexAttention
+            ``BlockMask`` (one value for queries and keys). Multiple of 16; 128 is what the
+            method and the GPU kernels were tuned for.
+        high_band_dims: number of head dims (two per RoPE pair) in the high-frequency band.
+            ``None``: half the head dim, rounded to even (64 of 128, 32 of 64).
+        low_band_dims: number of head dims in the low-frequency band. ``None``: three
+            quarters of the head dim, rounded to even (96 of 128, 48 of 64). Bands may overlap.
+        high_threshold, low_threshold: top-p mass kept per query block in each band, in
+            ``(0, 1]``. ``1.0`` keeps every causally visible block (dense attention).
+        calibrate: energy-based temperature per (batch, head, band). When ``False`` the band
+            logits are divided by ``sqrt(d_band) * <band>_temperature`` instead.
+        high_temperature, low_temperature: fixed temperatures used when ``calibrate`` is off.
+        force_sink: always select key block 0.
+        force_diagonal: always select the key block(s) holding the causal diagonal of each
+            query block. Turning this off can leave a query token with no visible key; its
+            output is then 0 (FlexAttention's convention for fully masked rows).
+        rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
+        dense_below: query lengths below this use dense causal attention (decoding, short
+            prompts), where selection cannot pay for itself. ``0`` never falls back.
+        max_score_elements: upper bound on the number of block scores (batch x query heads
+            x query blocks x key blocks) materialised at once; longer inputs are scored in
+            chunks of query blocks, which bounds the scoring memory (~40 bytes per score).
+    """
+
+    block_size: int = 128
+    high_band_dims: Optional[int] = None
+    low_band_dims: Optional[int] = None
+    high_threshold: float = 0.95
+    low_threshold: float = 0.95
+    calibrate: bool = True
+    high_temperature: float = 1.0
+    low_temperature: float = 1.0
+    force_sink: bool = True
+    force_diagonal: bool = True
+    rope_layout: str = "half"
+    dense_below: int = 1024
+    max_score_elements: int = 1 << 26
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
+            raise ValueError(
+                f"PrismConfig.block_size must be a positive multiple of 16, got {self.block_size!r}"
+            )
+        for name in ("high_band_dims", "low_band_dims"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 2 or value % 2):
+                raise ValueError(
+                    f"PrismConfig.{name} must be None or an even int >= 2 (two dims per RoPE "
+                    f"pair), got {value!r}"
+                )
+        for name in ("high_threshold", "low_threshold"):
+            value = getattr(self, name)
+            if not _is_real(value) or not (0.0 < value <= 1.0):
+                raise ValueError(f"PrismConfig.{name} must be a number in (0, 1], got {value!r}")
+        for name in ("high_temperature", "low_temperature"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"PrismConfig.{name} must be a finite number > 0, got {value!r}")
+        for name in ("calibrate", "force_sink", "force_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PrismConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(
+                f"PrismConfig.rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}"
+            )
+        if not _is_int(self.dense_below) or self.dense_below < 0:
+            raise ValueError(
+                f"PrismConfig.dense_below must be an int >= 0, got {self.dense_below!r}"
+            )
+        if not _is_int(self.max_score_elements) or self.max_score_elements < 1:
+            raise ValueError(
+                f"PrismConfig.max_score_elements must be an int >= 1, got {self.max_score_elements!r}"
+            )
+
+    def band_dims(self, head_dim: int) -> tuple[int, int]:
+        """``(high_dims, low_dims)`` for a head dim, defaults resolved and checked against it."""
+        if not _is_int(head_dim) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be an even int >= 2 (RoPE pairs), got {head_dim!r}")
+        high = self.high_band_dims
+        low = self.low_band_dims
+        high = _even_fraction(head_dim, _HIGH_FRACTION) if high is None else high
+        low = _even_fraction(head_dim, _LOW_FRACTION) if low is None else low
+        for name, value in (("high_band_dims", high), ("low_band_dims", low)):
+            if value > head_dim:
+                raise ValueError(
+                    f"PrismConfig.{name}={value} is larger than the head dim {head_dim}"
+                )
+        return high, low

@@ -1,0 +1,39 @@
+"""PrismAttention: the nn.Module face of :func:`prism_flex.prism_attention`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .attention import prism_attention
+from .config import PrismConfig
+
+__all__ = ["PrismAttention"]
+
+
+class PrismAttention(nn.Module):
+    """Causal attention with Prism block-sparse prefill; no parameters.
+
+    Replace ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` in a model with
+    ``self.attn = PrismAttention(config)`` and ``self.attn(q, k, v)``. Inputs are taken after
+    RoPE: q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lkv, D)``, ``Lq <= Lkv``. Works eagerly (the
+    scoring and the attention kernels are compiled internally) and inside a model compiled
+    with ``torch.compile``. Inference only.
+    """
+
+    def __init__(self, config: Optional[PrismConfig] = None, *, scale: Optional[float] = None):
+        super().__init__()
+        if config is not None and not isinstance(config, PrismConfig):
+            raise TypeError(f"config must be a PrismConfig, got {type(config).__name__}")
+        self.config = config if config is not None else PrismConfig()
+        self.scale = scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_density: bool = False):
+        """Returns ``(B, Hq, Lq, D)``; with ``return_density`` also float32 ``(B, Hq)``."""
+        return prism_attention(
+            q, k, v, self.config, scale=self.scale, return_density=return_density
+        )
+
+    def extra_repr(self) -> str:
+        return repr(self.config)

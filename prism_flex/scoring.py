@@ -1,0 +1,156 @@
+"""Block scoring: mean pooling, RoPE frequency bands, energy calibration, causal block softmax.
+
+Every function here is plain PyTorch on block-level tensors (``Nq x Nk`` per head, never
+``Lq x Lkv``), written to be traced by ``torch.compile(fullgraph=True, dynamic=True)``.
+
+Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads (``G = Hq // Hkv``),
+``L`` tokens, ``D`` head dim, ``N = ceil(L / block_size)`` blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "pool_blocks",
+    "rope_pairs",
+    "band",
+    "band_temperature",
+    "band_logits",
+    "causal_block_geometry",
+    "block_softmax",
+]
+
+
+def pool_blocks(x: Tensor, block_size: int) -> Tensor:
+    """Mean of each block of ``block_size`` tokens, over the real tokens only.
+
+    Args:
+        x: ``(B, H, L, D)``, any float dtype.
+    Returns:
+        ``(B, H, N, D)`` float32, ``N = ceil(L / block_size)``; the tail block is the mean of
+        its ``L - (N - 1) * block_size`` real tokens (the zero padding adds nothing to the sum).
+    """
+    b, h, length, d = x.shape
+    n = (length + block_size - 1) // block_size
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n * block_size - length))
+    sums = padded.view(b, h, n, block_size, d).sum(dim=3, dtype=torch.float32)
+    counts = (length - torch.arange(n, device=x.device) * block_size).clamp(max=block_size)
+    return sums / counts.to(torch.float32).unsqueeze(-1)
+
+
+def rope_pairs(x: Tensor, layout: str) -> Tensor:
+    """View the head dim as ``(2, D/2)`` with the RoPE pair index last, in frequency order.
+
+    Pair ``p`` rotates with ``theta_p = base^(-2p/D)``: ``p = 0`` is the highest frequency in
+    both layouts. ``"half"``: pair p = dims (p, p + D/2); ``"interleaved"``: dims (2p, 2p + 1).
+
+    Args:
+        x: ``(..., D)``.
+    Returns:
+        ``(..., 2, D/2)`` (a view for ``"half"``, a transposed view for ``"interleaved"``).
+    """
+    d = x.shape[-1]
+    if layout == "half":
+        return x.unflatten(-1, (2, d // 2))
+    return x.unflatten(-1, (d // 2, 2)).transpose(-1, -2)
+
+
+def band(x: Tensor, band_dims: int, which: str, layout: str) -> Tensor:
+    """The dims of one frequency band, flattened.
+
+    ``which="high"``: the first ``band_dims / 2`` pairs (fastest rotation);
+    ``which="low"``: the last ``band_dims / 2`` pairs (slowest rotation).
+
+    Args:
+        x: ``(..., D)``.
+    Returns:
+        ``(..., band_dims)``.
+    """
+    pairs = rope_pairs(x, layout)
+    n = band_dims // 2
+    sel = pairs[..., :n] if which == "high" else pairs[..., pairs.shape[-1] - n :]
+    return sel.flatten(-2)
+
+
+def _rms(x: Tensor) -> Tensor:
+    """Root mean square over the last two dims: ``(B, H, N, d) -> (B, H)``."""
+    return x.square().mean(dim=(-2, -1)).sqrt()
+
+
+def band_temperature(q_pool: Tensor, k_pool: Tensor, q_band: Tensor, k_band: Tensor) -> Tensor:
+    """Energy-based temperature ``t = sqrt(d_band / D) * rms(q_b)/rms(q) * rms(k_b)/rms(k)``.
+
+    The rms are over all pooled blocks and dims of one (batch, head). Scaling Q or K by a
+    positive factor leaves ``t`` unchanged.
+
+    Args:
+        q_pool: ``(B, Hq, Nq, D)``; k_pool: ``(B, Hkv, Nk, D)``; q_band / k_band: the same
+            with ``d_band`` dims.
+    Returns:
+        ``(B, Hq)`` float32, clamped away from 0 so that an all-zero band gives finite logits.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    q_ratio = _rms(q_band) / _rms(q_pool).clamp_min(tiny)
+    k_ratio = _rms(k_band) / _rms(k_pool).clamp_min(tiny)
+    group = q_pool.shape[1] // k_pool.shape[1]
+    k_ratio = k_ratio.repeat_interleave(group, dim=1)
+    t = math.sqrt(q_band.shape[-1] / q_pool.shape[-1]) * q_ratio * k_ratio
+    return t.clamp_min(1e-20)
+
+
+def band_logits(q_band: Tensor, k_band: Tensor, divisor: Tensor) -> Tensor:
+    """Block logits of one band, GQA without repeating K.
+
+    Args:
+        q_band: ``(B, Hq, Nq, d)`` float32; k_band: ``(B, Hkv, Nk, d)`` float32;
+        divisor: ``(B, Hq)``, the per-head ``sqrt(d) * t``.
+    Returns:
+        ``(B, Hq, Nq, Nk)`` float32: ``q_band @ k_band^T / divisor``. Query head ``h`` reads
+        key head ``h // G`` (the ``enable_gqa`` convention of SDPA and FlexAttention).
+    """
+    b, hq, nq, d = q_band.shape
+    hkv, nk = k_band.shape[1], k_band.shape[2]
+    q5 = q_band.reshape(b, hkv, (hq // hkv) * nq, d)
+    logits = torch.matmul(q5, k_band.transpose(-1, -2)).view(b, hq, nq, nk)
+    return logits / divisor[:, :, None, None]
+
+
+def causal_block_geometry(
+    row_start, num_rows, num_kv_blocks, q_len, kv_len, block_size: int, device
+) -> tuple[Tensor, Tensor]:
+    """Which key blocks query blocks ``row_start .. row_start + num_rows - 1`` can see.
+
+    The causal rule is bottom-right aligned: query token ``t`` (0-based in the query) sits at
+    absolute position ``t + kv_len - q_len`` and sees keys at positions ``<=`` that. A query
+    block spans absolute positions ``[first, last]``; it sees key blocks ``j <= last // bs``,
+    and the key blocks ``first // bs .. last // bs`` hold its causal diagonal (one block
+    when ``kv_len - q_len`` is a multiple of the block size, else up to two).
+
+    Returns:
+        ``(allowed, diagonal)``: bool ``(num_rows, num_kv_blocks)`` each; ``diagonal`` is a
+        subset of ``allowed``.
+    """
+    offset = kv_len - q_len
+    rows = torch.arange(num_rows, device=device) + row_start
+    first = rows * block_size + offset
+    last = torch.clamp((rows + 1) * block_size, max=q_len) - 1 + offset
+    cols = torch.arange(num_kv_blocks, device=device)
+    allowed = cols[None, :] <= (last // block_size)[:, None]
+    diagonal = allowed & (cols[None, :] >= (first // block_size)[:, None])
+    return allowed, diagonal
+
+
+def block_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax over the causally visible key blocks of each row, in float32.
+
+    Args:
+        logits: ``(B, H, R, Nk)``; allowed: bool ``(R, Nk)`` with at least one True per row.
+    Returns:
+        ``(B, H, R, Nk)`` float32 probabilities, exactly 0 where not allowed.
+    """
+    masked = logits.float().masked_fill(~allowed, float("-inf"))
+    return torch.softmax(masked, dim=-1)
