@@ -109,13 +109,19 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig) -> dict[str, Tensor]
         ``(B, H, N, d_band)``; ``{"div_high", "div_low"}``: ``(B, Hq)`` divisors
         ``sqrt(d_band) * t_band`` of the band logits.
     """
+    return _score_inputs(q, k, config, config.high_temperature, config.low_temperature)
+
+
+def _score_inputs(q, k, config, high_temperature, low_temperature):
+    # The float knobs travel as arguments, not as config attributes: torch.compile treats
+    # float arguments as inputs but attributes as constants (one recompilation per value).
     high_dims, low_dims = config.band_dims(q.shape[-1])
     q_pool = pool_blocks(q, config.block_size)
     k_pool = pool_blocks(k, config.block_size)
     out = {}
     for name, dims, temperature in (
-        ("high", high_dims, config.high_temperature),
-        ("low", low_dims, config.low_temperature),
+        ("high", high_dims, high_temperature),
+        ("low", low_dims, low_temperature),
     ):
         q_band = band(q_pool, dims, name, config.rope_layout)
         k_band = band(k_pool, dims, name, config.rope_layout)
@@ -140,6 +146,13 @@ def select_blocks(
     Returns:
         ``(selected, allowed, diagonal)``: bool ``(B, Hq, R, Nk)``, ``(R, Nk)``, ``(R, Nk)``.
     """
+    return _select_blocks(
+        scores, row_start, num_rows, q_len, kv_len, config,
+        config.high_threshold, config.low_threshold,
+    )
+
+
+def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr):
     q_high = scores["q_high"][:, :, row_start : row_start + num_rows]
     q_low = scores["q_low"][:, :, row_start : row_start + num_rows]
     nk = scores["k_high"].shape[2]
@@ -148,11 +161,11 @@ def select_blocks(
     )
     high = top_p_select(
         block_softmax(band_logits(q_high, scores["k_high"], scores["div_high"]), allowed),
-        config.high_threshold,
+        high_thr,
     )
     low = top_p_select(
         block_softmax(band_logits(q_low, scores["k_low"], scores["div_low"]), allowed),
-        config.low_threshold,
+        low_thr,
     )
     selected = combine_selection(
         high, low, allowed, diagonal, config.force_sink, config.force_diagonal
@@ -160,21 +173,32 @@ def select_blocks(
     return selected, allowed, diagonal
 
 
-def _select_tables(scores, row_start, num_rows, q_len, kv_len, config):
-    """``select_blocks`` followed by compaction into partial (diagonal) and full index tables."""
-    selected, allowed, diagonal = select_blocks(
-        scores, row_start, num_rows, q_len, kv_len, config
+def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr):
+    """Selection followed by compaction into partial (diagonal) and full index tables."""
+    selected, allowed, diagonal = _select_blocks(
+        scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr
     )
     partial_num, partial_idx = compact_blocks(selected & diagonal)
     full_num, full_idx = compact_blocks(selected & ~diagonal)
     return partial_num, partial_idx, full_num, full_idx
 
 
+_STAGES = {"score": _score_inputs, "tables": _select_tables, "flex": flex_attention}
+
+
+def _stage(name: str, compiled: bool):
+    """The function running stage ``name``: the plain one when eager, or when we are already
+    being traced by a compile of the user's model (which then compiles it inline), else our
+    own compiled version."""
+    if not compiled or torch.compiler.is_compiling():
+        return _STAGES[name]
+    return _compiled_stage(name)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(name: str):
+def _compiled_stage(name: str):
     """The compiled stages, built on first use (never at import)."""
-    fn = {"score": score_inputs, "tables": _select_tables, "flex": flex_attention}[name]
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+    return torch.compile(_STAGES[name], fullgraph=True, dynamic=True)
 
 
 def prism_block_mask(
@@ -194,25 +218,32 @@ def prism_block_mask(
     """
     check_inputs(q, k)
     config.band_dims(q.shape[-1])
-    score_fn = _compiled("score") if compiled else score_inputs
-    tables_fn = _compiled("tables") if compiled else _select_tables
+    score_fn = _stage("score", compiled)
+    tables_fn = _stage("tables", compiled)
     bs = config.block_size
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
     nq = (q_len + bs - 1) // bs
     nk = (kv_len + bs - 1) // bs
-    scores = score_fn(q, k, config)
+    scores = score_fn(q, k, config, config.high_temperature, config.low_temperature)
+    thresholds = (config.high_threshold, config.low_threshold)
     rows = max(1, config.max_score_elements // (batch * hq * nk))
     if nq <= rows:
-        tables = tables_fn(scores, 0, nq, q_len, kv_len, config)
+        tables = tables_fn(scores, 0, nq, q_len, kv_len, config, *thresholds)
     else:
         # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
         tables = _empty_tables(batch, hq, nq, nk, q.device)
         for start in range(0, nq, rows):
             n = min(rows, nq - start)
-            for dst, src in zip(tables, tables_fn(scores, start, n, q_len, kv_len, config)):
+            for dst, src in zip(tables, tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)):
                 dst[:, :, start : start + n].copy_(src)
-    offset = torch.full((), kv_len - q_len, dtype=torch.int32, device=q.device)
+    offset = kv_len - q_len
+    if not torch.compiler.is_compiling():
+        # The mask enters our compiled flex_attention as an input: a tensor offset keeps it
+        # from specialising on the value. Inside a compile of the user's model the offset
+        # is a (symbolic) int instead: the CPU kernel template cannot take a tensor computed
+        # in the same graph.
+        offset = torch.full((), offset, dtype=torch.int32, device=q.device)
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
 
 
@@ -286,17 +317,41 @@ def prism_attention(
         ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
     """
     check_inputs(q, k, v)
+    if _cpu_symbolic_offset(q, k):
+        return _prism_attention_outside_graph(
+            q, k, v, config, scale=scale, return_density=return_density
+        )
     if q.shape[2] < config.dense_below:
         out = dense_causal_attention(q, k, v, scale=scale)
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
         return out
     mask = prism_block_mask(q, k, config, compiled=compiled)
-    if compiled:
-        flex = _compiled("flex")
-    else:
-        flex, mask = flex_attention, with_table_mask_mod(mask)
+    flex = _stage("flex", compiled)
+    if not compiled:
+        mask = with_table_mask_mod(mask)
+    if q.device.type == "cpu":
+        # torch's CPU flex template reads the 4-d layout of the buffer under a view: a
+        # transposed view of a projection's 2-d output fails to lower. Copy such views.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if return_density:
         return out, block_density(mask)
     return out
+
+
+def _cpu_symbolic_offset(q: Tensor, k: Tensor) -> bool:
+    """True when a compile of the user's model traces a CPU call with ``kv_len != q_len``.
+
+    torch's CPU flex kernel template (2.11-2.13) cannot capture a symbolic size expression in
+    ``mask_mod`` (and dynamo does not tell a symbolic size from a constant one), so such a
+    call leaves the graph (see below). CUDA calls and ``q_len == kv_len`` stay in the graph.
+    """
+    if not torch.compiler.is_compiling() or q.device.type != "cpu":
+        return False
+    return k.shape[2] != q.shape[2]
+
+
+# A graph break around the whole call: outside the user's graph, our own compiled stages run
+# with the offset as a tensor input, which the CPU template takes.
+_prism_attention_outside_graph = torch.compiler.disable(prism_attention)

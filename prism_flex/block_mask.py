@@ -36,12 +36,18 @@ def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
     return num, out[..., :nk].contiguous()
 
 
-def causal_mask_mod(offset: Tensor):
+def causal_mask_mod(offset):
     """Bottom-right causal ``mask_mod``: query ``q_idx`` sees keys ``kv_idx <= q_idx + offset``.
 
-    ``offset`` (``kv_len - q_len``) is a 0-dim int tensor, not a Python int, so that a compiled
-    ``flex_attention`` does not specialise (and recompile) on it.
+    ``offset`` is ``kv_len - q_len``: a 0-dim int tensor when the mask is passed to a compiled
+    ``flex_attention`` (a Python int would be baked in, one recompilation per value), an int
+    when mask and attention are traced in one graph.
     """
+
+    if not isinstance(offset, Tensor) and offset == 0:
+        # Also keeps a symbolic zero (q_len == kv_len under dynamic shapes) out of the
+        # kernel's captured values, which the CPU template cannot take.
+        return _causal
 
     def mask_mod(b, h, q_idx, kv_idx):
         return q_idx + offset >= kv_idx
@@ -49,12 +55,16 @@ def causal_mask_mod(offset: Tensor):
     return mask_mod
 
 
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
 def block_mask_from_tables(
     partial_num: Tensor,
     partial_idx: Tensor,
     full_num: Tensor,
     full_idx: Tensor,
-    offset: Tensor,
+    offset,
     q_len: int,
     kv_len: int,
     block_size: int,

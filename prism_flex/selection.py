@@ -23,11 +23,10 @@ def top_p_select(probs: Tensor, threshold: float) -> Tensor:
     Returns:
         bool ``(..., Nk)``.
     """
-    if threshold >= 1.0:
-        return torch.ones_like(probs, dtype=torch.bool)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-    keep_sorted = mass_before < threshold
+    # Branch-free so that a compiled caller does not specialise on the threshold's value.
+    keep_sorted = (mass_before < threshold) | (threshold >= 1.0)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 

@@ -1,0 +1,58 @@
+import dataclasses
+
+import pytest
+
+from prism_flex import PrismConfig
+
+
+def test_defaults():
+    c = PrismConfig()
+    assert c.block_size == 128
+    assert (c.high_threshold, c.low_threshold) == (0.95, 0.95)
+    assert c.calibrate and c.force_sink and c.force_diagonal
+    assert c.rope_layout == "half"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.block_size = 64
+
+
+@pytest.mark.parametrize(
+    "head_dim, expected", [(128, (64, 96)), (64, (32, 48)), (80, (40, 60)), (96, (48, 72)),
+                           (2, (2, 2)), (6, (4, 4))],
+)
+def test_default_band_dims_are_fractions_rounded_to_even(head_dim, expected):
+    assert PrismConfig().band_dims(head_dim) == expected
+
+
+def test_explicit_band_dims():
+    assert PrismConfig(high_band_dims=16, low_band_dims=120).band_dims(128) == (16, 120)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_size", 0), ("block_size", 100), ("block_size", -128), ("block_size", 128.0),
+        ("block_size", True),
+        ("high_band_dims", 0), ("high_band_dims", 3), ("low_band_dims", -2), ("low_band_dims", 1.5),
+        ("high_threshold", 0.0), ("high_threshold", 1.5), ("low_threshold", -0.1),
+        ("low_threshold", float("nan")), ("low_threshold", "0.9"), ("high_threshold", True),
+        ("high_temperature", 0.0), ("low_temperature", float("inf")), ("low_temperature", -1.0),
+        ("calibrate", 1), ("force_sink", None), ("force_diagonal", "yes"),
+        ("rope_layout", "neox"), ("rope_layout", None),
+        ("dense_below", -1), ("dense_below", 1.0),
+        ("max_score_elements", 0),
+    ],
+)
+def test_bad_values_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        PrismConfig(**{field: value})
+
+
+@pytest.mark.parametrize("head_dim", [0, 7, 3])
+def test_bad_head_dim(head_dim):
+    with pytest.raises(ValueError, match="head_dim"):
+        PrismConfig().band_dims(head_dim)
+
+
+def test_band_wider_than_head():
+    with pytest.raises(ValueError, match="low_band_dims"):
+        PrismConfig(low_band_dims=96).band_dims(64)

@@ -1,0 +1,65 @@
+"""Bad input gets a clear error, never a crash deep inside a kernel."""
+
+import pytest
+import torch
+
+from prism_flex import PrismAttention, PrismConfig, prism_attention, prism_block_mask
+
+
+def qkv(b=1, hq=4, hkv=2, lq=256, lkv=256, d=64, dtype=torch.float32):
+    return (torch.randn(b, hq, lq, d, dtype=dtype), torch.randn(b, hkv, lkv, d, dtype=dtype),
+            torch.randn(b, hkv, lkv, d, dtype=dtype))
+
+
+def _case(name):
+    q, k, v = qkv()
+    cases = {
+        "rank": ((q[0], k, v), ValueError, "4 dims"),
+        "rank_k": ((q, k[0], v), ValueError, "4 dims"),
+        "not_tensor": ((q.numpy(), k, v), TypeError, "torch.Tensor"),
+        "int_dtype": ((q.long(), k.long(), v.long()), TypeError, "floating"),
+        "dtype_mismatch": ((q, k.double(), v), TypeError, "same dtype"),
+        "v_dtype_mismatch": ((q, k, v.half()), TypeError, "same dtype"),
+        "batch": ((torch.cat([q, q]), k, v), ValueError, "batch"),
+        "head_dim": ((q, k[..., :32], v), ValueError, "head_dim"),
+        "v_shape": ((q, k, v[:, :, :100]), ValueError, "shape of k"),
+        "gqa_ratio": ((torch.randn(1, 3, 256, 64), k, v), ValueError, "multiple"),
+        "q_longer": ((torch.randn(1, 4, 300, 64), k, v), ValueError, "must not exceed"),
+        "empty_q": ((q[:, :, :0], k, v), ValueError, "empty"),
+        "empty_kv": ((q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "empty"),
+        "odd_head_dim": ((q[..., :63], k[..., :63], v[..., :63]), ValueError, "even"),
+    }
+    return cases[name]
+
+
+CASES = ["rank", "rank_k", "not_tensor", "int_dtype", "dtype_mismatch", "v_dtype_mismatch",
+         "batch", "head_dim", "v_shape", "gqa_ratio", "q_longer", "empty_q", "empty_kv",
+         "odd_head_dim"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prism_attention_rejects(name):
+    args, exc, match = _case(name)
+    with pytest.raises(exc, match=match):
+        prism_attention(*args, PrismConfig(dense_below=0))
+    # The dense fallback validates too.
+    with pytest.raises(exc, match=match):
+        prism_attention(*args, PrismConfig(dense_below=10**9))
+
+
+def test_band_too_wide_for_head_dim():
+    q, k, v = qkv(d=32)
+    with pytest.raises(ValueError, match="high_band_dims"):
+        prism_block_mask(q, k, PrismConfig(high_band_dims=64))
+
+
+def test_device_mismatch():
+    q, k, v = qkv()
+    meta = k.to("meta")
+    with pytest.raises(ValueError, match="same device"):
+        prism_attention(q, meta, v)
+
+
+def test_module_rejects_non_config():
+    with pytest.raises(TypeError, match="PrismConfig"):
+        PrismAttention({"block_size": 128})

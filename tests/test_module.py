@@ -1,0 +1,60 @@
+"""PrismAttention as a user would hold it: in an nn.Module, inside torch.compile."""
+
+import torch
+from torch import nn
+
+from prism_flex import PrismAttention, PrismConfig, prism_attention
+
+from .conftest import structured_qkv
+
+CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8)
+
+
+class TinyAttentionBlock(nn.Module):
+    """A user's attention block: projections around PrismAttention (no RoPE needed here)."""
+
+    def __init__(self, dim=128, heads=4, kv_heads=2, config=CFG):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.attn = PrismAttention(config)
+
+    def forward(self, x):
+        b, length, _ = x.shape
+        q = self.q(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.attn(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(b, length, -1))
+
+
+def test_module_equals_functional_and_reports_density():
+    q, k, v = structured_qkv(2, 4, 2, 700, 900, 64)
+    module = PrismAttention(CFG)
+    out, density = module(q, k, v, return_density=True)
+    torch.testing.assert_close(out, prism_attention(q, k, v, CFG))
+    assert density.shape == (2, 4) and torch.all((density > 0) & (density <= 1))
+    assert "high_threshold=0.8" in repr(module)
+    assert list(module.parameters()) == []
+
+
+def test_inside_a_compiled_user_model_equals_eager_model():
+    torch.manual_seed(0)
+    block = TinyAttentionBlock().eval()
+    x = torch.randn(1, 600, 128) * 3
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_user_model_chunked_prefill_on_cpu():
+    """Lq < Lkv inside a user's compile: on CPU the call leaves the graph (documented
+    limitation of torch's CPU flex template), and the result is still right."""
+    q, k, v = structured_qkv(1, 4, 2, 300, 900, 32)
+    attn = PrismAttention(CFG)
+    eager = attn(q, k, v)
+    for dynamic in (False, True):
+        compiled = torch.compile(lambda q, k, v: attn(q, k, v) * 2, dynamic=dynamic)
+        torch.testing.assert_close(compiled(q, k, v), eager * 2, rtol=1e-5, atol=1e-5)
