@@ -11,6 +11,7 @@ from .attention import (
     prism_block_mask,
     score_inputs,
     select_blocks,
+    sparse_attention,
 )
 from .config import ROPE_LAYOUTS, PrismConfig
 from .module import PrismAttention
@@ -21,6 +22,7 @@ __all__ = [
     "PrismAttention",
     "prism_attention",
     "prism_block_mask",
+    "sparse_attention",
     "dense_causal_attention",
     "block_density",
     "score_inputs",

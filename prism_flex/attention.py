@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .block_mask import block_mask_from_tables, compact_blocks, with_table_mask_mod
+from . import cpu_op
 from .config import PrismConfig
 from .scoring import (
     band,
@@ -42,6 +43,7 @@ __all__ = [
     "select_blocks",
     "prism_block_mask",
     "prism_attention",
+    "sparse_attention",
     "dense_causal_attention",
     "block_density",
 ]
@@ -240,9 +242,8 @@ def prism_block_mask(
     offset = kv_len - q_len
     if not torch.compiler.is_compiling():
         # The mask enters our compiled flex_attention as an input: a tensor offset keeps it
-        # from specialising on the value. Inside a compile of the user's model the offset
-        # is a (symbolic) int instead: the CPU kernel template cannot take a tensor computed
-        # in the same graph.
+        # from specialising on the value. Traced inside the user's graph, the offset stays a
+        # (symbolic) int, which the user's compile handles like any size.
         offset = torch.full((), offset, dtype=torch.int32, device=q.device)
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
 
@@ -289,6 +290,34 @@ def dense_causal_attention(
     )
 
 
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: Optional[float] = None,
+    compiled: bool = True,
+) -> Tensor:
+    """FlexAttention over the blocks of ``block_mask``, with native GQA.
+
+    The compiled ``flex_attention`` that :func:`prism_attention` uses, for masks from
+    :func:`prism_block_mask` or any other source (one mask row per query head, or one shared).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k, v: ``(B, Hkv, Lkv, D)``; block_mask with
+            ``seq_lengths == (Lq, Lkv)``.
+        compiled: ``False`` runs eager FlexAttention, which ignores the block lists, so the
+            mask's blocks are then enforced through its ``mask_mod`` (O(Lq * Lkv) memory).
+    Returns:
+        ``(B, Hq, Lq, D)``.
+    """
+    flex = _stage("flex", compiled)
+    if not compiled:
+        block_mask = with_table_mask_mod(block_mask)
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def prism_attention(
     q: Tensor,
     k: Tensor,
@@ -317,41 +346,18 @@ def prism_attention(
         ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
     """
     check_inputs(q, k, v)
-    if _cpu_symbolic_offset(q, k):
-        return _prism_attention_outside_graph(
-            q, k, v, config, scale=scale, return_density=return_density
-        )
+    if compiled and q.device.type == "cpu" and torch.compiler.is_compiling():
+        # Traced by a compile of the user's model on CPU: run as one opaque op (cpu_op.py).
+        out, density = cpu_op.call(q, k, v, config, scale)
+        return (out, density) if return_density else out
     if q.shape[2] < config.dense_below:
         out = dense_causal_attention(q, k, v, scale=scale)
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
         return out
     mask = prism_block_mask(q, k, config, compiled=compiled)
-    flex = _stage("flex", compiled)
-    if not compiled:
-        mask = with_table_mask_mod(mask)
-    if q.device.type == "cpu":
-        # torch's CPU flex template reads the 4-d layout of the buffer under a view: a
-        # transposed view of a projection's 2-d output fails to lower. Copy such views.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = sparse_attention(q, k, v, mask, scale=scale, compiled=compiled)
     if return_density:
         return out, block_density(mask)
     return out
 
-
-def _cpu_symbolic_offset(q: Tensor, k: Tensor) -> bool:
-    """True when a compile of the user's model traces a CPU call with ``kv_len != q_len``.
-
-    torch's CPU flex kernel template (2.11-2.13) cannot capture a symbolic size expression in
-    ``mask_mod`` (and dynamo does not tell a symbolic size from a constant one), so such a
-    call leaves the graph (see below). CUDA calls and ``q_len == kv_len`` stay in the graph.
-    """
-    if not torch.compiler.is_compiling() or q.device.type != "cpu":
-        return False
-    return k.shape[2] != q.shape[2]
-
-
-# A graph break around the whole call: outside the user's graph, our own compiled stages run
-# with the offset as a tensor input, which the CPU template takes.
-_prism_attention_outside_graph = torch.compiler.disable(prism_attention)
