@@ -347,14 +347,13 @@ def random_causal_block_mask(
     partial_num = torch.ones(heads, n, dtype=torch.int32, device=device)
     # prism_flex's own causal mask_mod (offset 0): the same code object as the Prism masks',
     # so these rows reuse the compiled flex graph instead of adding cache entries.
-    offset = torch.zeros((), dtype=torch.int32, device=device)
     return BlockMask.from_kv_blocks(
         partial_num[None].contiguous(),
         partial_idx[None].contiguous(),
         full_num[None].contiguous(),
         full_idx[None].contiguous(),
         BLOCK_SIZE=block_size,
-        mask_mod=causal_mask_mod(offset),
+        mask_mod=causal_mask_mod(0),
         seq_lengths=(seq_len, seq_len),
         compute_q_blocks=False,
     )

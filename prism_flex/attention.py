@@ -240,10 +240,10 @@ def prism_block_mask(
             for dst, src in zip(tables, tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)):
                 dst[:, :, start : start + n].copy_(src)
     offset = kv_len - q_len
-    if not torch.compiler.is_compiling():
-        # The mask enters our compiled flex_attention as an input: a tensor offset keeps it
-        # from specialising on the value. Traced inside the user's graph, the offset stays a
-        # (symbolic) int, which the user's compile handles like any size.
+    if offset != 0:
+        # A tensor, not an int: as an int, a compiled flex_attention would bake the value in
+        # (one recompilation per value) or, traced in the user's graph with dynamic shapes,
+        # capture a symbolic size, which its kernel templates cannot take (torch 2.11).
         offset = torch.full((), offset, dtype=torch.int32, device=q.device)
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
 

@@ -39,14 +39,12 @@ def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
 def causal_mask_mod(offset):
     """Bottom-right causal ``mask_mod``: query ``q_idx`` sees keys ``kv_idx <= q_idx + offset``.
 
-    ``offset`` is ``kv_len - q_len``: a 0-dim int tensor when the mask is passed to a compiled
-    ``flex_attention`` (a Python int would be baked in, one recompilation per value), an int
-    when mask and attention are traced in one graph.
+    ``offset`` is ``kv_len - q_len``: the int 0 (plain causal, nothing captured) or a 0-dim
+    int tensor (a Python int would be baked into the compiled kernel).
     """
-
-    if not isinstance(offset, Tensor) and offset == 0:
-        # Also keeps a symbolic zero (q_len == kv_len under dynamic shapes) out of the
-        # kernel's captured values, which the CPU template cannot take.
+    if not isinstance(offset, Tensor):
+        if offset != 0:
+            raise ValueError("a nonzero offset must be a 0-dim tensor")
         return _causal
 
     def mask_mod(b, h, q_idx, kv_idx):

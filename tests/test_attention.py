@@ -108,7 +108,8 @@ def test_higher_threshold_selects_superset(p, t, dt):
     low = prism_block_mask(q, k, PrismConfig(dense_below=0, high_threshold=t, low_threshold=t),
                            compiled=False)
     high = prism_block_mask(
-        q, k, PrismConfig(dense_below=0, high_threshold=min(1.0, t + dt), low_threshold=t + dt / 2),
+        q, k, PrismConfig(dense_below=0, high_threshold=min(1.0, t + dt),
+                          low_threshold=min(1.0, t + dt / 2)),
         compiled=False,
     )
     assert torch.all(low.to_dense() <= high.to_dense())
