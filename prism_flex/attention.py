@@ -4,12 +4,14 @@ Compile boundaries (explicit, built lazily on first use so that importing the pa
 nothing and never touches CUDA):
 
 - ``_score_inputs``: pooling, bands and temperatures, once per call;
-- ``_select_rows``: block logits, softmax, top-p, union and index compaction for a chunk of
+- ``_select_tables``: block logits, softmax, top-p, union and index compaction for a chunk of
   query blocks (one chunk unless the scores would exceed ``config.max_score_elements``);
 - ``flex_attention`` itself.
 
 All three are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
-sequence length. Inside a model that the user compiles, they are traced inline.
+sequence length. Inside a model that the user compiles, ``prism_attention`` becomes one opaque
+custom op that runs these same stages (``graph_op.py`` says why); ``prism_block_mask`` and
+``sparse_attention`` called there are traced inline.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from . import graph_op
 from .block_mask import block_mask_from_tables, compact_blocks, with_table_mask_mod
-from . import cpu_op
 from .config import PrismConfig
 from .scoring import (
     band,
@@ -203,6 +205,7 @@ def _compiled_stage(name: str):
     return torch.compile(_STAGES[name], fullgraph=True, dynamic=True)
 
 
+@torch.no_grad()
 def prism_block_mask(
     q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *, compiled: bool = True
 ) -> BlockMask:
@@ -237,7 +240,8 @@ def prism_block_mask(
         tables = _empty_tables(batch, hq, nq, nk, q.device)
         for start in range(0, nq, rows):
             n = min(rows, nq - start)
-            for dst, src in zip(tables, tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)):
+            chunk = tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)
+            for dst, src in zip(tables, chunk):
                 dst[:, :, start : start + n].copy_(src)
     offset = kv_len - q_len
     if offset != 0:
@@ -318,6 +322,7 @@ def sparse_attention(
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@torch.no_grad()  # inference only; also keeps the compiled stages' grad-mode guard constant
 def prism_attention(
     q: Tensor,
     k: Tensor,
@@ -346,9 +351,9 @@ def prism_attention(
         ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
     """
     check_inputs(q, k, v)
-    if compiled and q.device.type == "cpu" and torch.compiler.is_compiling():
-        # Traced by a compile of the user's model on CPU: run as one opaque op (cpu_op.py).
-        out, density = cpu_op.call(q, k, v, config, scale)
+    if compiled and torch.compiler.is_compiling():
+        # Traced by a compile of the user's model: run as one opaque op (graph_op.py).
+        out, density = graph_op.call(q, k, v, config, scale)
         return (out, density) if return_density else out
     if q.shape[2] < config.dense_below:
         out = dense_causal_attention(q, k, v, scale=scale)

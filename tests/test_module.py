@@ -53,7 +53,7 @@ def test_inside_a_compiled_user_model_equals_eager_model():
 
 def test_compiled_user_model_chunked_prefill_on_cpu():
     """Lq < Lkv inside a user's compile (fullgraph, static and dynamic shapes), with an
-    elementwise op on the output: the traps of torch's CPU flex template (cpu_op.py)."""
+    elementwise op on the output: the traps of torch's CPU flex template (graph_op.py)."""
     q, k, v = structured_qkv(1, 4, 2, 300, 900, 32)
     attn = PrismAttention(CFG)
     eager = attn(q, k, v)

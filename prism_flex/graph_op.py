@@ -1,12 +1,14 @@
-"""Prism attention as an opaque custom op, for CPU graphs compiled by the user.
+"""Prism attention as one opaque custom op, for graphs compiled by the user.
 
-torch's CPU FlexAttention kernel template (torch 2.11-2.13) cannot take, inside a compile of
-the user's model: an elementwise op fused onto its output ("Unsupported for epilogue_nodes in
-CppFlexAttentionTemplate"), a symbolic ``kv_len - q_len`` captured by the ``mask_mod``, a
-tensor computed in the same graph captured by it, or a query that is a view of a 2-d buffer.
-Behind a custom op (the public extension point, ``torch.library.custom_op``) the user's graph
-sees one opaque call, and the op runs prism_flex's own compiled stages. CUDA graphs inline the
-whole path instead (see ``attention.prism_attention``).
+Traced inline into a user's compiled model, FlexAttention with a mask computed in the same
+graph trips several bugs of torch's inductor (seen on torch 2.11 and 2.13): on CPU, an
+elementwise op fused onto its output ("Unsupported for epilogue_nodes in
+CppFlexAttentionTemplate"), a tensor or a symbolic ``kv_len - q_len`` captured by the
+``mask_mod`` ("NoValidChoicesError", "'Add' object has no attribute 'get_name'"), a query that
+is a view of a 2-d buffer; on CUDA, "CantSplit" in the Triton code generation when K/V are
+slices of a KV cache written in the graph, with dynamic shapes. Behind a custom op (the
+public extension point, ``torch.library.custom_op``) the user's graph sees one opaque call,
+and the op runs prism_flex's own compiled stages on real tensors, as in eager use.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch import Tensor
 from .config import PrismConfig
 
 
-@torch.library.custom_op("prism_flex::prism_attention_cpu", mutates_args=())
-def prism_attention_cpu(
+@torch.library.custom_op("prism_flex::prism_attention", mutates_args=())
+def prism_attention_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -54,7 +56,7 @@ def prism_attention_cpu(
     return out.contiguous(), density
 
 
-@prism_attention_cpu.register_fake
+@prism_attention_op.register_fake
 def _(q, k, v, *args):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:2], dtype=torch.float32
@@ -63,7 +65,7 @@ def _(q, k, v, *args):
 
 def call(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[float]):
     """Call the op with the fields of ``config``; returns ``(out, density)``."""
-    return prism_attention_cpu(
+    return prism_attention_op(
         q, k, v, config.block_size, config.high_band_dims, config.low_band_dims,
         float(config.high_threshold), float(config.low_threshold), config.calibrate,
         float(config.high_temperature), float(config.low_temperature), config.force_sink,

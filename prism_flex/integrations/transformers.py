@@ -1,0 +1,238 @@
+"""Hugging Face transformers integration: Prism as a registered attention implementation.
+
+Usage::
+
+    from prism_flex import PrismConfig
+    from prism_flex.integrations.transformers import register
+
+    name = register(PrismConfig(high_threshold=0.95, low_threshold=0.95))   # "prism"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)
+    # or, on a loaded model: model.set_attn_implementation(name)
+
+It uses transformers' public extension points only (no patched classes):
+
+- ``AttentionInterface.register(name, attention_fn)``: the attention itself. transformers calls
+  ``attention_fn(module, query, key, value, attention_mask, dropout=..., scaling=...,
+  **kwargs)`` with query ``(B, Hq, Lq, D)`` after RoPE and key/value ``(B, Hkv, Lkv, D)``
+  straight from the KV cache (not repeated for GQA: the model leaves that to the attention
+  function, and Prism handles ``Hq % Hkv == 0`` natively), and expects
+  ``(attn_output (B, Lq, Hq, D), attn_weights or None)``.
+- ``AttentionMaskInterface.register(name, mask_fn)``: the mask the model builds for that
+  implementation. Without it, transformers builds *no* mask for an unknown implementation name
+  (it assumes a backend that handles padding itself), and a padded batch would be silently
+  attended as unpadded. Ours returns ``None`` for a plain causal mask (no materialised
+  ``(B, 1, Lq, Lkv)`` tensor, which at long context would cost more than Prism saves) and raises
+  :class:`NotImplementedError` for padding.
+
+Which PrismConfig is used: the one given to :func:`register` for that name (default
+``PrismConfig()``). A call may override it with a ``prism_config=`` keyword argument to the
+model's forward (transformers passes unknown forward kwargs down to the attention function);
+``generate`` does not forward unknown kwargs, so for a per-model configuration register one
+name per configuration (``register(cfg_a, "prism_a")``) and give each model its name.
+
+Supported: causal self-attention of decoder-only models whose attention calls
+``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, ...), with no cache or a dynamic KV
+cache (prefill, chunked prefill continuing a cache, greedy/sampled decoding). Not supported
+(raises): padding in the batch, sliding-window layers, packed sequences or other non-causal
+masks, ``StaticCache`` (its key/value tensors are longer than the tokens seen so far), attention
+dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..attention import prism_attention
+from ..config import PrismConfig
+
+from transformers import AttentionInterface  # noqa: E402  (this module is the lazy boundary)
+from transformers.masking_utils import (  # noqa: E402
+    AttentionMaskInterface,
+    causal_mask_function,
+    sdpa_mask,
+)
+
+__all__ = ["register", "make_attention_function", "PADDING_ERROR"]
+
+PADDING_ERROR = (
+    "prism attention does not support padded batches (or any attention mask other than the "
+    "plain causal one: padding, sliding window, packed sequences, StaticCache slots): Prism "
+    "selects blocks per sequence and its kernels apply only the causal mask. Workaround: run "
+    "unpadded inputs (batch size 1, or a batch of equal-length sequences without padding "
+    "tokens) with a dynamic KV cache, or use attn_implementation='sdpa' for padded batches."
+)
+
+# Registered name -> (config, compiled); register() is idempotent per name.
+_REGISTERED: dict[str, tuple[PrismConfig, bool]] = {}
+
+
+def register(
+    config: Optional[PrismConfig] = None, name: str = "prism", *, compiled: bool = True
+) -> str:
+    """Register Prism attention (and its mask function) with transformers under ``name``.
+
+    Args:
+        config: selection settings for every model using ``attn_implementation=name``;
+            ``None``: ``PrismConfig()``. Registering the same name again replaces the config
+            (calling it twice with the same arguments is a no-op).
+        name: the ``attn_implementation`` string; must not be one of transformers' own.
+        compiled: passed to :func:`prism_flex.prism_attention` (``False``: eager, for tests
+            and debugging at small sizes).
+    Returns:
+        ``name``, to pass as ``attn_implementation``.
+    """
+    if config is None:
+        config = PrismConfig()
+    if not isinstance(config, PrismConfig):
+        raise TypeError(f"config must be a PrismConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name not in _REGISTERED and (
+        name in AttentionInterface._global_mapping or name == "eager" or "|" in name
+    ):
+        raise ValueError(
+            f"{name!r} is a transformers attention implementation; choose another name"
+        )
+    if _REGISTERED.get(name) == (config, compiled):
+        return name
+    _REGISTERED[name] = (config, compiled)
+    AttentionInterface.register(name, make_attention_function(config, compiled=compiled))
+    AttentionMaskInterface.register(name, prism_mask)
+    return name
+
+
+def prism_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[Tensor] = None,
+    local_size: Optional[int] = None,
+    **kwargs,
+) -> Optional[Tensor]:
+    """The mask function registered for Prism (``AttentionMaskInterface``).
+
+    ``attention_mask`` here is the model's 2-D padding mask ``(B, seen + Lq)`` (or ``None``).
+    The model builds its mask once per forward, not once per layer, so the padding check lives
+    here: one O(B * Lkv) reduction per forward instead of a per-layer look at a 4-D mask.
+
+    Returns ``None`` (plain bottom-right causal, which Prism applies itself) when the mask
+    function is the plain causal one and no key is padded; raises ``NotImplementedError`` when
+    a key is padded. Any other mask (sliding window, packed sequences, custom ``or``/``and``
+    masks) is materialised as transformers' SDPA boolean mask, which the attention function
+    then checks (and rejects unless it is plain causal).
+    """
+    if mask_function is not causal_mask_function or local_size is not None:
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            local_size=local_size, allow_is_causal_skip=False, **kwargs,
+        )
+    if attention_mask is None:
+        return None
+    # The keys of this forward are positions kv_offset .. kv_offset + kv_length - 1 of the 2-D
+    # mask; positions the mask does not cover (StaticCache slots not written yet) are masked.
+    keys = attention_mask[:, kv_offset : kv_offset + kv_length]
+    covered = keys.shape[-1] == kv_length
+    if torch.compiler.is_compiling():
+        # No data-dependent branching in a traced graph: assert at run time instead.
+        torch._assert_async(keys.bool().all() & covered, PADDING_ERROR)
+        return None
+    if not covered or not bool(keys.bool().all()):
+        raise NotImplementedError(PADDING_ERROR)
+    return None
+
+
+# The 4-D mask tensor most recently found to be plain causal. transformers hands the same mask
+# object to every layer of a forward; remembering it makes the check once per forward.
+_checked_mask: Optional[weakref.ref] = None
+
+
+def _check_mask(mask, q_len: int, kv_len: int) -> None:
+    """Raise unless ``mask`` is ``None`` or the plain bottom-right causal mask.
+
+    Cheap by design, O(B * Lkv) instead of O(B * Lq * Lkv): it reads two rows. The last query
+    row must see every key (any padded key, packed-sequence boundary or sliding window masks
+    some key of it: 2-D padding masks a key for *every* row), and the first query row must see
+    exactly keys ``0 .. Lkv - Lq`` (bottom-right alignment; catches top-left masks and unwritten
+    StaticCache slots). A hand-made mask that differs only inside other rows is not detected.
+    """
+    global _checked_mask
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise NotImplementedError(
+            f"prism attention takes attention_mask=None or a 4-D tensor, got "
+            f"{type(mask).__name__}; {PADDING_ERROR}"
+        )
+    if _checked_mask is not None and _checked_mask() is mask:
+        return
+    if mask.dim() != 4 or mask.shape[-2] != q_len or mask.shape[-1] != kv_len:
+        raise NotImplementedError(
+            f"prism attention expects a (B, 1 or H, {q_len}, {kv_len}) mask, got shape "
+            f"{tuple(mask.shape)}"
+        )
+    rows = mask[:, :, [0, q_len - 1], :]
+    if rows.dtype == torch.bool:
+        visible, blocked = rows, ~rows
+    else:  # additive float mask: 0 where visible, a large negative number (or -inf) elsewhere
+        visible = rows == 0
+        blocked = rows <= torch.finfo(rows.dtype).min / 2
+    want = torch.arange(kv_len, device=mask.device) <= kv_len - q_len  # first row
+    want = torch.stack([want, torch.ones_like(want)])  # (2, Lkv): first and last row
+    ok = torch.where(want, visible, blocked).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, PADDING_ERROR)
+        return
+    if not bool(ok):
+        raise NotImplementedError(PADDING_ERROR)
+    _checked_mask = weakref.ref(mask)
+
+
+def make_attention_function(config: PrismConfig, *, compiled: bool = True):
+    """The function registered with ``AttentionInterface`` for ``config``."""
+
+    def prism_attention_forward(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        dropout: float = 0.0,
+        scaling: Optional[float] = None,
+        is_causal: Optional[bool] = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        cfg = kwargs.get("prism_config")
+        cfg = config if cfg is None else cfg
+        if not isinstance(cfg, PrismConfig):
+            raise TypeError(f"prism_config must be a PrismConfig, got {type(cfg).__name__}")
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not is_causal:
+            raise NotImplementedError("prism attention is causal only (module.is_causal=False)")
+        if dropout:
+            raise NotImplementedError("prism attention is inference only: attention dropout > 0")
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError(
+                "prism attention does not support sliding-window layers "
+                f"(sliding_window={kwargs['sliding_window']})"
+            )
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("prism attention does not support logit softcapping")
+        if kwargs.get("output_attentions", False):
+            raise NotImplementedError(
+                "prism attention does not return attention weights (output_attentions=True)"
+            )
+        _check_mask(attention_mask, query.shape[2], key.shape[2])
+        # K/V keep their Hkv heads: prism_attention does GQA natively (no repeat_kv).
+        out = prism_attention(query, key, value, cfg, scale=scaling, compiled=compiled)
+        return out.transpose(1, 2).contiguous(), None
+
+    prism_attention_forward.prism_config = config
+    return prism_attention_forward

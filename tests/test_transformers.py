@@ -1,0 +1,167 @@
+"""The Hugging Face transformers integration (prism_flex.integrations.transformers), on CPU.
+
+Tiny randomly initialised Llama / Qwen2 / Qwen3 models (4 query heads, 2 KV heads, head dim 32:
+one shape class for every family, so the compiled stages compile once per query-length class).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from prism_flex import PrismConfig  # noqa: E402
+from prism_flex.integrations.transformers import PADDING_ERROR, register  # noqa: E402
+
+DENSE = PrismConfig(high_threshold=1.0, low_threshold=1.0, dense_below=0)
+SPARSE = PrismConfig(dense_below=0)  # default thresholds 0.95
+# Eager Prism (compiled=False): the adapter is what these tests check; compiling the stages on
+# CPU costs ~20-40 s per query-length class, and compiled == eager is tests/test_compiled.py's job.
+DENSE_NAME = register(DENSE, "prism_test_dense", compiled=False)
+SPARSE_NAME = register(SPARSE, "prism_test_sparse", compiled=False)
+
+COMMON = dict(
+    hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    num_hidden_layers=2, intermediate_size=256, vocab_size=256, max_position_embeddings=4096,
+)
+
+
+def _config(family):
+    if family == "llama":
+        return transformers.LlamaConfig(**COMMON)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**COMMON)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**COMMON)
+    raise ValueError(family)
+
+
+FAMILIES = [
+    f for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config"))
+    if hasattr(transformers, cls)
+]
+
+
+def _model(family, attn, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family), attn_implementation=attn)
+    return model.eval()
+
+
+def _prompt(length, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Token 0 is the pad token of the tests: keep it out of prompts (generate would mask it).
+    return torch.randint(1, 256, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_matches_sdpa_at_threshold_one(family):
+    prompt = _prompt(600)
+    model = _model(family, "sdpa")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(prompt))
+    with torch.no_grad():
+        want = model.generate(prompt, **kwargs)
+        model.set_attn_implementation(DENSE_NAME)
+        got = model.generate(prompt, **kwargs)
+    assert got.shape == (1, 608)
+    assert torch.equal(got, want)
+
+
+def _last_logits(model, ids, chunks):
+    cache = DynamicCache()
+    with torch.no_grad():
+        for part in torch.tensor_split(ids, chunks, dim=1):
+            out = model(part, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("name", [DENSE_NAME, SPARSE_NAME])
+def test_chunked_prefill(name):
+    ids = _prompt(640, seed=1)
+    model = _model("llama", name)
+    chunked = _last_logits(model, ids, [384])  # 384 + 256 tokens: a chunk continuing a cache
+    one_shot = _last_logits(model, ids, [])
+    assert torch.isfinite(chunked).all() and torch.isfinite(one_shot).all()
+    if name == DENSE_NAME:
+        torch.testing.assert_close(chunked, one_shot, rtol=1e-4, atol=1e-4)
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(one_shot, _last_logits(model, ids, []), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_batch_raises():
+    model = _model("llama", DENSE_NAME)
+    ids = _prompt(40, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batches"):
+        model(ids, attention_mask=mask)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batches"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+    # A 4-D mask handed to the model directly reaches the attention function's own check.
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    padded = causal.expand(2, 1, 40, 40).clone()
+    padded[1, :, :, :5] = False
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batches"):
+        model(ids, attention_mask=padded)
+    # The unpadded forms run: no mask, an all-ones 2-D mask, the plain causal 4-D mask.
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(ids, attention_mask=torch.ones_like(ids)).logits
+        c = model(ids, attention_mask=causal.expand(2, 1, 40, 40)).logits
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_register_is_idempotent():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert register(DENSE, "prism_test_dense", compiled=False) == DENSE_NAME
+    fn = AttentionInterface._global_mapping[DENSE_NAME]
+    mask_fn = AttentionMaskInterface._global_mapping[DENSE_NAME]
+    assert register(DENSE, "prism_test_dense", compiled=False) == DENSE_NAME
+    assert AttentionInterface._global_mapping[DENSE_NAME] is fn
+    assert AttentionMaskInterface._global_mapping[DENSE_NAME] is mask_fn
+    assert fn.prism_config == DENSE
+    assert register() == "prism"
+    assert register() == "prism"
+    with pytest.raises(ValueError):
+        register(name="sdpa")
+
+
+def test_import_does_not_import_transformers():
+    code = (
+        "import sys, prism_flex, prism_flex.integrations; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prism_config_kwarg_overrides_registered_config():
+    ids = _prompt(300, seed=2)
+    model = _model("qwen3", SPARSE_NAME)
+    with torch.no_grad():
+        got = model(ids, prism_config=DENSE).logits
+        model.set_attn_implementation("sdpa")
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_prism_through_the_model():
+    """One forward through the default (compiled) path: one query-length class, one compile."""
+    compiled_name = register(SPARSE, "prism_test_compiled")
+    ids = _prompt(300, seed=3)
+    model = _model("llama", compiled_name)
+    with torch.no_grad():
+        got = model(ids).logits
+        model.set_attn_implementation(SPARSE_NAME)
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
