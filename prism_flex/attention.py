@@ -351,6 +351,9 @@ def prism_attention(
         ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
     """
     check_inputs(q, k, v)
+    # Inference only. Detached as well as under no_grad: FlexAttention on CPU rejects inputs
+    # that require grad even under no_grad (e.g. from a model called outside no_grad).
+    q, k, v = q.detach(), k.detach(), v.detach()
     if compiled and torch.compiler.is_compiling():
         # Traced by a compile of the user's model: run as one opaque op (graph_op.py).
         out, density = graph_op.call(q, k, v, config, scale)

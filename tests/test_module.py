@@ -60,3 +60,11 @@ def test_compiled_user_model_chunked_prefill_on_cpu():
     for dynamic in (False, True):
         compiled = torch.compile(lambda q, k, v: attn(q, k, v) * 2, dynamic=dynamic, fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v), eager * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_that_require_grad_are_accepted():
+    """Inference only: a model called outside no_grad hands over tensors that require grad."""
+    q, k, v = structured_qkv(2, 4, 2, 700, 900, 64)
+    out = PrismAttention(CFG)(q.requires_grad_(), k.requires_grad_(), v)
+    torch.testing.assert_close(out, prism_attention(q.detach(), k.detach(), v, CFG))
+    assert not out.requires_grad

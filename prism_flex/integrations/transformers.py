@@ -40,7 +40,6 @@ dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_att
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -55,6 +54,7 @@ from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
     sdpa_mask,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 __all__ = ["register", "make_attention_function", "PADDING_ERROR"]
 
@@ -92,7 +92,7 @@ def register(
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if name not in _REGISTERED and (
-        name in AttentionInterface._global_mapping or name == "eager" or "|" in name
+        name in ALL_ATTENTION_FUNCTIONS or name == "eager" or "|" in name
     ):
         raise ValueError(
             f"{name!r} is a transformers attention implementation; choose another name"
@@ -149,11 +149,6 @@ def prism_mask(
     return None
 
 
-# The 4-D mask tensor most recently found to be plain causal. transformers hands the same mask
-# object to every layer of a forward; remembering it makes the check once per forward.
-_checked_mask: Optional[weakref.ref] = None
-
-
 def _check_mask(mask, q_len: int, kv_len: int) -> None:
     """Raise unless ``mask`` is ``None`` or the plain bottom-right causal mask.
 
@@ -163,7 +158,6 @@ def _check_mask(mask, q_len: int, kv_len: int) -> None:
     exactly keys ``0 .. Lkv - Lq`` (bottom-right alignment; catches top-left masks and unwritten
     StaticCache slots). A hand-made mask that differs only inside other rows is not detected.
     """
-    global _checked_mask
     if mask is None:
         return
     if not isinstance(mask, Tensor):
@@ -171,8 +165,6 @@ def _check_mask(mask, q_len: int, kv_len: int) -> None:
             f"prism attention takes attention_mask=None or a 4-D tensor, got "
             f"{type(mask).__name__}; {PADDING_ERROR}"
         )
-    if _checked_mask is not None and _checked_mask() is mask:
-        return
     if mask.dim() != 4 or mask.shape[-2] != q_len or mask.shape[-1] != kv_len:
         raise NotImplementedError(
             f"prism attention expects a (B, 1 or H, {q_len}, {kv_len}) mask, got shape "
@@ -192,7 +184,6 @@ def _check_mask(mask, q_len: int, kv_len: int) -> None:
         return
     if not bool(ok):
         raise NotImplementedError(PADDING_ERROR)
-    _checked_mask = weakref.ref(mask)
 
 
 def make_attention_function(config: PrismConfig, *, compiled: bool = True):
