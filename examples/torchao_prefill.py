@@ -1,0 +1,149 @@
+"""Long-context prefill of a real model with Prism attention, with and without torchao.
+
+Qwen2.5-Coder-0.5B (the GGUF file cached by ``bench.models``, dequantised by transformers)
+prefills the first ``--length`` tokens of Jane Austen's *Emma* (``bench.texts``) four ways:
+
+* ``dense``          transformers' ``sdpa`` attention, linear layers in the model dtype;
+* ``prism``          Prism block-sparse attention (``register(PrismConfig(...))``);
+* ``prism+torchao``  Prism, and the linear layers quantised by torchao;
+* ``dense+torchao``  ``sdpa``, and the quantised linear layers.
+
+torchao: on CPU int8 weight-only (``Int8WeightOnlyConfig``, model in float32); on CUDA float8
+dynamic activation + float8 weight (``Float8DynamicActivationFloat8WeightConfig``, model in
+bfloat16; needs compute capability >= 8.9). ``lm_head`` (not tied to the embedding here) stays
+unquantised, so the logits of every variant come from the same output layer.
+
+Per variant: the prefill time (the decoder stack, ``model.model``, one forward after one
+warm-up forward that also compiles Prism; CPU ``perf_counter``, CUDA events) and the
+perplexity of the L tokens (next-token cross-entropy over positions 1..L-1, the logits built
+in chunks from the final hidden states so that a 32K x 152K-vocab logit tensor is never
+materialised). The perplexity compares variants with each other on the same text; it is not a
+benchmark score (the model is a 4-bit GGUF of a *coder* instruct model).
+
+What to expect on CPU at 2048 tokens (2 cores, ~6 minutes): no speed-up from either. Prism
+runs its sparse path (2048 >= ``dense_below`` = 1024, kept at its default), but 16 query
+blocks leave little to skip and attention is a small part of a 2K prefill, so the selection
+costs about what it saves, and the perplexity moves a few percent (blocks are dropped).
+Int8 weight-only saves memory and helps memory-bound decoding, not a compute-bound prefill.
+The long-context case Prism is built for is the CUDA default, 32K tokens.
+
+Run from the repo root (it imports ``bench``, which is not part of the installed package):
+
+    python -m examples.torchao_prefill                               # CPU, 2048 tokens
+    python -m examples.torchao_prefill --device cuda --length 32768  # GPU (the CUDA default)
+
+Needs ``pip install -e ".[hf]" torchao gguf``; the model and text are fetched/cached on first
+use (``python -m bench.models fetch qwen2.5-coder-0.5b``, ``python -m bench.texts austen:emma``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.models import fetch
+from bench.texts import load_text
+from prism_flex import PrismConfig
+
+
+def quantise_linears(model, device: str) -> str:
+    """Quantise the model's nn.Linear layers (except lm_head) in place with torchao."""
+    try:  # lazy: torchao is optional for the rest of prism_flex
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise SystemExit(f"this example needs torchao (pip install torchao): {e}") from e
+    if device == "cuda":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+        config, label = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                         "float8 dynamic activation + float8 weight, per row")
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig
+        config, label = Int8WeightOnlyConfig(), "int8 weight-only, per channel"
+    keep = lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn  # noqa: E731
+    quantize_(model, config, filter_fn=keep)
+    return label
+
+
+def timed(fn, device: str):
+    """(seconds, result) of one call of ``fn`` (the caller has already warmed it up)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def run_variant(model, ids, attn: str, device: str) -> tuple[float, float]:
+    """(prefill seconds, perplexity) of ``model`` on ``ids`` (1, L) with attention ``attn``."""
+    model.set_attn_implementation(attn)
+    prefill = lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
+    prefill()  # warm-up: compiles Prism's stages for this length, warms torchao kernels
+    seconds, hidden = timed(prefill, device)
+    hidden = hidden[0, :-1]  # position i predicts token i + 1
+    targets, nll = ids[0, 1:], torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, hidden.shape[0], 1024):  # chunked lm_head + cross-entropy
+        logits = model.lm_head(hidden[i:i + 1024]).float()
+        nll += F.cross_entropy(logits, targets[i:i + 1024], reduction="sum").double()
+    return seconds, float(torch.exp(nll / targets.numel()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--length", type=int, default=None, help="tokens (CPU 2048, CUDA 32768)")
+    p.add_argument("--threshold", type=float, default=0.95, help="Prism top-p, both bands")
+    p.add_argument("--text", default="austen:emma", help="bench.texts spec or a file path")
+    args = p.parse_args()
+    device = args.device
+    length = args.length or (32768 if device == "cuda" else 2048)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPU: fp32 is the fast path
+
+    # dense_below stays at its default (1024): Prism's sparse path runs for any prompt of at
+    # least 1024 tokens, so it is active at the CPU default of 2048 (16 query blocks of 128;
+    # few blocks can be skipped there, and attention is a small part of a 2K prefill).
+    from prism_flex.integrations.transformers import register  # needs transformers
+    cfg = PrismConfig(high_threshold=args.threshold, low_threshold=args.threshold)
+    name = register(cfg, "prism")
+
+    path = fetch("qwen2.5-coder-0.5b")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation="sdpa").to(device).eval()
+    text = load_text(args.text)
+    ids = tok(text[: 8 * length + 4096], return_tensors="pt").input_ids  # ~4 chars per token
+    if ids.shape[1] < length:
+        ids = tok(text, return_tensors="pt").input_ids
+    if ids.shape[1] < length:
+        raise SystemExit(f"{args.text} has only {ids.shape[1]} tokens, fewer than {length}")
+    ids = ids[:, :length].to(device)
+
+    print(f"Qwen2.5-Coder-0.5B ({path.name}, dequantised to {dtype}), {device} "
+          f"({torch.get_num_threads()} CPU threads), {length} tokens "
+          f"of {args.text}; Prism thresholds {args.threshold}, dense_below {cfg.dense_below} "
+          f"({'Prism sparse path active' if length >= cfg.dense_below else 'Prism runs DENSE'})")
+    rows = [("dense (sdpa)", "sdpa"), ("prism", name)]
+    results = [(label, *run_variant(model, ids, attn, device)) for label, attn in rows]
+    quant = quantise_linears(model, device)
+    for label, attn in [("prism+torchao", name), ("dense+torchao", "sdpa")]:
+        results.append((label, *run_variant(model, ids, attn, device)))
+
+    print(f"torchao: {quant} (all linear layers but lm_head)")
+    base = results[0][1]
+    print(f"{'variant':<16}{'prefill s':>11}{'speed-up':>10}{'perplexity':>12}")
+    for label, seconds, ppl in results:
+        print(f"{label:<16}{seconds:>11.3f}{base / seconds:>9.2f}x{ppl:>12.4f}")
+
+
+if __name__ == "__main__":
+    main()
