@@ -1,0 +1,285 @@
+"""Accuracy of Prism and other block selections on a real model and a real long text.
+
+Tasks:
+
+- ``recall``: one dense forward per length with a capturing attention function that stores the
+  post-RoPE q/k of the chosen layers; then, per layer and method, the block density and the
+  recall (share of the true token-level causal attention mass inside the selected blocks),
+  plus the ``oracle`` (best possible blocks) at each method's density.
+- ``ppl``: perplexity of the text's first L tokens with ``sdpa`` (``dense``) and with each
+  sparse method as the model's attention implementation.
+
+Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
+only); see bench/estimators.py. Output JSON::
+
+    {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
+     "threshold", "layer", ...}]}
+
+``layer`` is the layer index for recall rows or ``"mean"`` (recall averaged over the captured
+layers; for ppl the density is averaged over all layers). Oracle rows add ``reference``: the
+method whose per-head block counts the oracle matches.
+
+Example (CPU, a few layers)::
+
+    python -m bench.accuracy --model qwen2.5-coder-0.5b --lengths 4096 --tasks recall ppl \\
+        --layers 0 8 16 23 --out bench/results/accuracy_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import estimators as E
+from prism_flex import PrismConfig
+
+SPARSE = ("prism", "prism_nocal", "meanpool", "xattn")
+ALL_METHODS = ("dense",) + SPARSE + ("oracle",)
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def load_model(name: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.models import fetch
+
+    path = Path(fetch(name))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, attn_implementation="sdpa",
+        dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+    )
+    return tok, model.to(device).eval()
+
+
+def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
+    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr)
+    if method == "prism":
+        return cfg
+    if method == "prism_nocal":
+        return dataclasses.replace(cfg, calibrate=False)
+    if method == "meanpool":
+        return E.meanpool_config(cfg, head_dim)
+    raise ValueError(method)
+
+
+def method_table(method, q, k, thr, bs, stride):
+    if method == "xattn":
+        return E.xattn_table(q, k, thr, bs, stride)
+    return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# recall
+
+
+def capture_qk(model, ids, layers):
+    """One dense forward (no lm_head) storing post-RoPE q/k of ``layers`` (None: all)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    store = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        idx = getattr(module, "layer_idx", None)
+        if layers is None or idx in layers:
+            store[idx] = (query.detach().clone(), key.detach().clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture", capture)
+    AttentionMaskInterface.register("capture", sdpa_mask)
+    model.set_attn_implementation("capture")
+    try:
+        with torch.no_grad():
+            model.model(ids)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return store
+
+
+def run_recall(args, model, ids, L, rows):
+    layers = None if args.layers is None else set(args.layers)
+    t0 = time.time()
+    store = capture_qk(model, ids, layers)
+    log(f"recall L={L}: captured {len(store)} layers in {time.time() - t0:.1f}s")
+    methods = [m for m in args.methods if m in SPARSE]
+    per = {}  # (method, thr[, ref]) -> list of (density, recall)
+    for layer in sorted(store):
+        q, k = store[layer]
+        t0 = time.time()
+        mass = E.block_mass(q, k, args.block_size)
+        for thr in args.thresholds:
+            for m in methods:
+                table = method_table(m, q, k, thr, args.block_size, args.stride)
+                dens = float(E.density(table, L, L, args.block_size).mean())
+                rec = float(E.recall_from_mass(mass, table, L).mean())
+                entries = [(m, None, dens, rec)]
+                if "oracle" in args.methods:
+                    ot = E.oracle_table(mass, table, L, L, args.block_size)
+                    entries.append(("oracle", m, float(E.density(ot, L, L, args.block_size).mean()),
+                                    float(E.recall_from_mass(mass, ot, L).mean())))
+                for name, ref, dens, rec in entries:
+                    row = dict(model=args.model, task="recall", L=L, method=name, density=dens,
+                               value=rec, threshold=thr, layer=layer)
+                    if ref:
+                        row["reference"] = ref
+                    rows.append(row)
+                    per.setdefault((name, thr, ref), []).append((dens, rec))
+        log(f"  layer {layer}: {time.time() - t0:.1f}s")
+    for (name, thr, ref), vals in per.items():
+        row = dict(model=args.model, task="recall", L=L, method=name,
+                   density=sum(v[0] for v in vals) / len(vals),
+                   value=sum(v[1] for v in vals) / len(vals), threshold=thr, layer="mean")
+        if ref:
+            row["reference"] = ref
+        rows.append(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# perplexity
+
+
+def perplexity(model, ids, chunk=512) -> float:
+    with torch.no_grad():
+        h = model.model(ids).last_hidden_state
+        nll, n = 0.0, 0
+        for s in range(0, ids.shape[1] - 1, chunk):
+            e = min(ids.shape[1] - 1, s + chunk)
+            logits = model.lm_head(h[:, s:e]).float()
+            nll += float(F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(),
+                                         reduction="sum"))
+            n += e - s
+    return math.exp(nll / n)
+
+
+def _with_density(fn, densities, table_fn, bs, dense_below=1024):
+    """Wrap an attention function: also record the block density of each long call (the
+    selection is recomputed eagerly at block level, which is cheap next to the attention)."""
+
+    def wrapped(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] >= dense_below:
+            t = table_fn(query.detach(), key.detach())
+            densities.append(float(E.density(t, query.shape[2], key.shape[2], bs).mean()))
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return wrapped
+
+
+def register_method(method, thr, head_dim, args, densities) -> str:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from prism_flex.integrations.transformers import register
+
+    name = f"acc_{method}_{thr}"
+    bs = args.block_size
+    if method == "xattn":
+        E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
+    else:
+        register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)
+    fn = ALL_ATTENTION_FUNCTIONS[name]
+    wrapped = _with_density(
+        fn, densities, lambda q, k: method_table(method, q, k, thr, bs, args.stride), bs)
+    AttentionInterface.register(name, wrapped)
+    return name
+
+
+def run_ppl(args, model, ids, L, rows):
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
+        model.config.hidden_size // model.config.num_attention_heads)
+    jobs = [("dense", None)] if "dense" in args.methods else []
+    jobs += [(m, t) for t in args.thresholds for m in args.methods if m in SPARSE]
+    for method, thr in jobs:
+        t0 = time.time()
+        densities = []
+        if method == "dense":
+            model.set_attn_implementation("sdpa")
+        else:
+            model.set_attn_implementation(register_method(method, thr, head_dim, args, densities))
+        try:
+            ppl = perplexity(model, ids)
+        finally:
+            model.set_attn_implementation("sdpa")
+        dens = sum(densities) / len(densities) if densities else 1.0
+        rows.append(dict(model=args.model, task="ppl", L=L, method=method, density=dens,
+                         value=ppl, threshold=thr, layer="mean"))
+        log(f"ppl L={L} {method} thr={thr}: {ppl:.4f} density {dens:.3f} "
+            f"({time.time() - t0:.1f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(rows) -> str:
+    out = ["| task | L | method | threshold | layer | density | value |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["method"] + (f" (@{r['reference']})" if r.get("reference") else "")
+        thr = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        out.append(f"| {r['task']} | {r['L']} | {m} | {thr} | {r['layer']} | "
+                   f"{r['density']:.3f} | {r['value']:.4f} |")
+    return "\n".join(out)
+
+
+def save(args, rows):
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "text": args.text, "device": args.device,
+                   "rows": rows}, f, indent=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b",
+                   choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
+    p.add_argument("--text", default="austen:emma")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl"])
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers captured for recall (default: all on cuda, 0 8 16 23 on cpu)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--stride", type=int, default=8, help="xattn antidiagonal stride")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eager", action="store_true",
+                   help="ppl: run the sparse attention uncompiled (O(L^2) memory; tests only)")
+    p.add_argument("--out", default="bench/results/accuracy_cpu.json")
+    args = p.parse_args(argv)
+    if args.layers is None and args.device == "cpu":
+        args.layers = [0, 8, 16, 23]
+
+    from bench.texts import load_text
+
+    t0 = time.time()
+    tok, model = load_model(args.model, args.device)
+    log(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    all_ids = tok(load_text(args.text), return_tensors="pt").input_ids
+    rows = []
+    for L in args.lengths:
+        if all_ids.shape[1] < L:
+            raise SystemExit(f"text has only {all_ids.shape[1]} tokens < {L}")
+        ids = all_ids[:, :L].to(args.device)
+        for task, fn in (("recall", run_recall), ("ppl", run_ppl)):
+            if task in args.tasks:
+                fn(args, model, ids, L, rows)
+                # written after every task: partial results survive a crash or a time limit
+                save(args, rows)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

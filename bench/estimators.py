@@ -1,0 +1,340 @@
+"""Block-selection estimators and exact attention-mass metrics for the accuracy evaluation.
+
+Every estimator returns a bool block table ``(B, Hq, Nq, Nk)`` (one row per *query* head, GQA
+native: query head ``h`` reads key head ``h // G``), restricted to the causally visible blocks
+(bottom-right alignment, :func:`prism_flex.scoring.causal_block_geometry`) with the sink (key
+block 0) and the causal diagonal forced. Any table becomes a FlexAttention ``BlockMask`` through
+the same path as Prism itself (:func:`table_to_block_mask`: ``compact_blocks`` +
+``block_mask_from_tables``), so every method runs on the same kernels.
+
+Methods:
+
+- ``prism``: :func:`prism_flex.prism_block_mask` (dual band, energy-calibrated temperatures);
+- ``prism_nocal``: the same with ``calibrate=False`` (temperature 1 in both bands);
+- ``meanpool``: both bands = all head dims, no calibration: the union of two identical top-p sets
+  is one plain mean-pooling top-p selection (softmax of ``q̄ k̄ᵀ / sqrt(D)`` per block row);
+- ``xattn``: an XAttention-style antidiagonal estimator (:func:`xattn_table`), written from the
+  method's description;
+- ``oracle``: the true block attention mass, the best blocks per head at a given count
+  (:func:`oracle_table`).
+
+Metrics: :func:`block_mass` (token-level causal softmax summed per block, chunked over query
+blocks) and :func:`recall` (share of the true attention mass inside the selected blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prism_flex import PrismConfig, prism_block_mask, sparse_attention
+from prism_flex.block_mask import block_mask_from_tables, compact_blocks
+from prism_flex.scoring import causal_block_geometry
+from prism_flex.selection import combine_selection, top_p_select
+
+__all__ = [
+    "geometry",
+    "finalize",
+    "table_to_block_mask",
+    "density",
+    "prism_table",
+    "prism_nocal_table",
+    "meanpool_config",
+    "meanpool_table",
+    "xattn_block_scores",
+    "xattn_block_probs",
+    "xattn_table",
+    "block_mass",
+    "oracle_table",
+    "recall_from_mass",
+    "recall",
+    "make_xattn_attention_function",
+    "register_xattn",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared geometry and the BlockMask path
+
+
+def _num_blocks(length: int, bs: int) -> int:
+    return (length + bs - 1) // bs
+
+
+def geometry(q_len: int, kv_len: int, bs: int, device) -> tuple[Tensor, Tensor]:
+    """``(allowed, diagonal)``: bool ``(Nq, Nk)`` of all query blocks (causal_block_geometry)."""
+    nq, nk = _num_blocks(q_len, bs), _num_blocks(kv_len, bs)
+    return causal_block_geometry(0, nq, nk, q_len, kv_len, bs, device)
+
+
+def finalize(selected: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
+    """``selected`` ∪ sink ∪ diagonal, restricted to the causally visible blocks."""
+    allowed, diagonal = geometry(q_len, kv_len, bs, selected.device)
+    return combine_selection(selected, selected, allowed, diagonal, True, True)
+
+
+def table_to_block_mask(table: Tensor, q_len: int, kv_len: int, bs: int):
+    """A bool ``(B, H, Nq, Nk)`` table as a forward-only ``BlockMask`` (Prism's own path:
+    diagonal blocks partial with the token-level causal ``mask_mod``, the others full)."""
+    _, diagonal = geometry(q_len, kv_len, bs, table.device)
+    table = table.bool()
+    partial = compact_blocks(table & diagonal)
+    full = compact_blocks(table & ~diagonal)
+    offset = kv_len - q_len
+    if offset != 0:
+        offset = torch.full((), offset, dtype=torch.int32, device=table.device)
+    return block_mask_from_tables(*partial, *full, offset, q_len, kv_len, bs)
+
+
+def density(table: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
+    """Selected / causally visible blocks, float32 ``(B, H)``."""
+    allowed, _ = geometry(q_len, kv_len, bs, table.device)
+    return (table.bool() & allowed).sum((-2, -1)).float() / allowed.sum().float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prism and its ablations
+
+
+def prism_table(q: Tensor, k: Tensor, cfg: PrismConfig, *, compiled: bool = False) -> Tensor:
+    """Prism's selection as a bool table (``prism_block_mask(...).to_dense()``)."""
+    return prism_block_mask(q, k, cfg, compiled=compiled).to_dense().bool()
+
+
+def prism_nocal_table(q, k, cfg: PrismConfig, *, compiled: bool = False) -> Tensor:
+    """Prism without the energy calibration (temperatures ``cfg.high/low_temperature``)."""
+    return prism_table(q, k, dataclasses.replace(cfg, calibrate=False), compiled=compiled)
+
+
+def meanpool_config(cfg: PrismConfig, head_dim: int) -> PrismConfig:
+    """Plain mean-pooling top-p as a PrismConfig: both bands are all ``head_dim`` dims and the
+    calibration is off, so both bands compute the same softmax of ``q̄ k̄ᵀ / sqrt(D)`` and their
+    union is a single top-p set (thresholds: ``cfg.high_threshold`` for both)."""
+    return dataclasses.replace(
+        cfg, high_band_dims=head_dim, low_band_dims=head_dim, calibrate=False,
+        high_temperature=1.0, low_temperature=1.0, low_threshold=cfg.high_threshold,
+    )
+
+
+def meanpool_table(q, k, cfg: PrismConfig, *, compiled: bool = False) -> Tensor:
+    return prism_table(q, k, meanpool_config(cfg, q.shape[-1]), compiled=compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# XAttention-style antidiagonal scoring
+
+
+def _stride_groups(x: Tensor, stride: int, length: int, reverse: bool) -> Tensor:
+    """``(B, H, L, D) -> (B, H, ceil(L/S), S*D)``: group ``g`` concatenates tokens
+    ``gS .. gS+S-1`` (in reverse order when ``reverse``), zero-padded past ``length``."""
+    b, h, _, d = x.shape
+    n = _num_blocks(length, stride)
+    x = F.pad(x.float(), (0, 0, 0, n * stride - length)).view(b, h, n, stride, d)
+    if reverse:
+        x = x.flip(3)
+    return x.reshape(b, h, n, stride * d)
+
+
+def _gqa_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a (B, Hq, R, E) @ b (B, Hkv, C, E)^T -> (B, Hq, R, C)``, head ``h`` reads ``h // G``."""
+    bsz, hq, r, e = a.shape
+    hkv, c = b.shape[1], b.shape[2]
+    out = torch.matmul(a.reshape(bsz, hkv, (hq // hkv) * r, e), b.transpose(-1, -2))
+    return out.view(bsz, hq, r, c)
+
+
+def _antidiagonal_logits(q: Tensor, k: Tensor, stride: int):
+    """Strided antidiagonal sums: ``A[r, c] = sum_s q[rS + s] · k[cS + S-1-s]``, the sum of
+    Q·Kᵀ along one antidiagonal of the ``S x S`` tile ``(r, c)``; ``(B, Hq, Rq, Rk)`` with
+    ``R = ceil(L / S)``. Work ``O(Lq Lkv D / S)``."""
+    qs = _stride_groups(q, stride, q.shape[2], reverse=False)
+    ks = _stride_groups(k, stride, k.shape[2], reverse=True)
+    return _gqa_matmul(qs, ks)
+
+
+def xattn_block_scores(q: Tensor, k: Tensor, block_size: int = 128, stride: int = 8) -> Tensor:
+    """Raw block scores: per (query block, key block), the sum of Q·Kᵀ over the strided
+    antidiagonals inside it (every ``stride``-th antidiagonal), no mask, no scaling.
+    ``block_size`` must be a multiple of ``stride``. Returns float32 ``(B, Hq, Nq, Nk)``."""
+    if block_size % stride:
+        raise ValueError(f"block_size {block_size} must be a multiple of stride {stride}")
+    a = _antidiagonal_logits(q, k, stride)
+    g = block_size // stride
+    nq, nk = _num_blocks(q.shape[2], block_size), _num_blocks(k.shape[2], block_size)
+    a = F.pad(a, (0, nk * g - a.shape[-1], 0, nq * g - a.shape[-2]))
+    b, h = a.shape[:2]
+    return a.view(b, h, nq, g, nk, g).sum((3, 5))
+
+
+def xattn_block_probs(
+    q: Tensor, k: Tensor, block_size: int = 128, stride: int = 8, *, scale: Optional[float] = None,
+    rows_per_chunk: int = 64,
+) -> Tensor:
+    """XAttention-style block probabilities, float32 ``(B, Hq, Nq, Nk)``, rows summing to 1.
+
+    Each stride row ``r`` (a group of ``S`` query tokens) gets a causal softmax over the stride
+    columns of its antidiagonal logits scaled by ``scale / S`` (``scale = 1/sqrt(D)``; dividing
+    by ``S`` makes the antidiagonal sum an average of ``S`` dot products). The probabilities are
+    summed over each block's stride columns and averaged over the query block's stride rows: the
+    block softmax of a query block over its key blocks. Causal at stride level with bottom-right
+    alignment: stride column ``c`` is visible to row ``r`` when its first key is not after the
+    row's first query (``cS <= rS + Lkv - Lq``). Chunked over query blocks.
+    """
+    if block_size % stride:
+        raise ValueError(f"block_size {block_size} must be a multiple of stride {stride}")
+    b, hq, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = block_size // stride
+    nq, nk = _num_blocks(q_len, block_size), _num_blocks(kv_len, block_size)
+    qs = _stride_groups(q, stride, q_len, reverse=False)  # (B, Hq, Rq, S*D)
+    ks = _stride_groups(k, stride, kv_len, reverse=True)  # (B, Hkv, Rk, S*D)
+    rq, rk = qs.shape[2], ks.shape[2]
+    offset = kv_len - q_len
+    cols = torch.arange(rk, device=q.device)
+    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows_per_chunk):
+        stop = min(nq, start + rows_per_chunk)
+        r0, r1 = start * g, min(rq, stop * g)
+        logits = _gqa_matmul(qs[:, :, r0:r1], ks) * (scale / stride)
+        rows = torch.arange(r0, r1, device=q.device)
+        visible = cols[None, :] * stride <= rows[:, None] * stride + offset
+        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        p = F.pad(p, (0, nk * g - rk, 0, (stop - start) * g - (r1 - r0)))
+        p = p.view(b, hq, stop - start, g, nk, g).sum((3, 5))
+        blk = torch.arange(start, stop, device=q.device)
+        real_rows = torch.clamp((blk + 1) * g, max=rq) - blk * g  # stride rows per query block
+        out[:, :, start:stop] = p / real_rows.to(torch.float32)[:, None]
+    return out
+
+
+def xattn_table(
+    q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, stride: int = 8,
+    *, scale: Optional[float] = None,
+) -> Tensor:
+    """XAttention-style selection: per query block, the top-p (``threshold``, Prism's rule:
+    keep while the mass ranked before is below it) of :func:`xattn_block_probs`, plus sink and
+    diagonal, causal. Bool ``(B, Hq, Nq, Nk)``."""
+    probs = xattn_block_probs(q, k, block_size, stride, scale=scale)
+    allowed, _ = geometry(q.shape[2], k.shape[2], block_size, q.device)
+    probs = probs.masked_fill(~allowed, 0.0)
+    selected = top_p_select(probs, threshold)
+    return finalize(selected, q.shape[2], k.shape[2], block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The true attention mass, the oracle and recall
+
+
+@torch.no_grad()
+def block_mass(
+    q: Tensor, k: Tensor, block_size: int = 128, *, scale: Optional[float] = None,
+    rows_per_chunk: int = 4,
+) -> Tensor:
+    """True attention mass per block: token-level causal softmax (bottom-right, over all keys,
+    float32), summed over the query tokens and key tokens of each block pair.
+
+    Returns float32 ``(B, Hq, Nq, Nk)``; each block row sums to its number of query tokens.
+    Computed ``rows_per_chunk`` query blocks at a time (memory ``O(chunk * bs * Lkv)`` per head).
+    """
+    b, hq, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nq, nk = _num_blocks(q_len, block_size), _num_blocks(kv_len, block_size)
+    offset = kv_len - q_len
+    kf = k.float()
+    keys = torch.arange(kv_len, device=q.device)
+    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows_per_chunk):
+        stop = min(nq, start + rows_per_chunk)
+        t0, t1 = start * block_size, min(q_len, stop * block_size)
+        logits = _gqa_matmul(q[:, :, t0:t1].float(), kf) * scale
+        qpos = torch.arange(t0, t1, device=q.device) + offset
+        p = torch.softmax(logits.masked_fill(keys[None, :] > qpos[:, None], float("-inf")), -1)
+        p = F.pad(p, (0, nk * block_size - kv_len, 0, (stop - start) * block_size - (t1 - t0)))
+        out[:, :, start:stop] = p.view(b, hq, stop - start, block_size, nk, block_size).sum((3, 5))
+    return out
+
+
+def oracle_table(mass: Tensor, reference: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
+    """The best block table per head at the block count of ``reference``.
+
+    Per (batch, head): the sink and diagonal are kept, then the remaining causally visible
+    blocks with the largest true mass (``mass`` from :func:`block_mass`, summed over query
+    tokens, so the choice maximises the recall) are added, chosen globally over all rows of the
+    head, until the table has as many blocks as ``reference`` has there. Bool ``(B, H, Nq, Nk)``.
+    """
+    allowed, diagonal = geometry(q_len, kv_len, bs, mass.device)
+    forced = diagonal.clone()
+    forced[:, 0] = True
+    forced &= allowed
+    counts = (reference.bool() & allowed).sum((-2, -1))  # (B, H)
+    score = mass.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
+    flat = score.flatten(-2)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
+        flat.shape[-1], device=mass.device).expand_as(order))
+    counts = torch.maximum(counts, forced.sum().expand_as(counts))
+    keep = rank < counts[..., None]
+    return keep.view_as(mass) & allowed
+
+
+def recall_from_mass(mass: Tensor, table: Tensor, q_len: int) -> Tensor:
+    """Share of the true attention mass inside ``table``, averaged over query tokens:
+    float32 ``(B, H)``."""
+    return (mass * table.bool()).sum((-2, -1)) / q_len
+
+
+def recall(q: Tensor, k: Tensor, table: Tensor, block_size: int = 128, *,
+           scale: Optional[float] = None) -> float:
+    """Share of the true attention mass (token-level causal softmax over all keys) that falls
+    in the selected blocks, averaged over query tokens, heads and batch."""
+    mass = block_mass(q, k, block_size, scale=scale)
+    return float(recall_from_mass(mass, table, q.shape[2]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# XAttention-style selection as a transformers attention implementation (for perplexity)
+
+
+def make_xattn_attention_function(
+    threshold: float, block_size: int = 128, stride: int = 8, *, dense_below: int = 1024,
+    compiled: bool = True,
+):
+    """An ``AttentionInterface`` function: XAttention-style mask + ``prism_flex.sparse_attention``
+    (short queries dense, like Prism). Plain causal, unpadded inputs only."""
+    from prism_flex import dense_causal_attention
+
+    @torch.no_grad()
+    def xattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                                scaling=None, is_causal=None, **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("xattn: only the plain causal mask (no padding)")
+        q, k, v = query.detach(), key.detach(), value.detach()
+        if q.shape[2] < dense_below:
+            out = dense_causal_attention(q, k, v, scale=scaling)
+        else:
+            table = xattn_table(q, k, threshold, block_size, stride, scale=scaling)
+            mask = table_to_block_mask(table, q.shape[2], k.shape[2], block_size)
+            out = sparse_attention(q, k, v, mask, scale=scaling, compiled=compiled)
+        return out.transpose(1, 2).contiguous(), None
+
+    return xattn_attention_forward
+
+
+def register_xattn(threshold: float, name: str, *, compiled: bool = True, **kwargs) -> str:
+    """Register the XAttention-style estimator with transformers under ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from prism_flex.integrations.transformers import prism_mask
+
+    AttentionInterface.register(
+        name, make_xattn_attention_function(threshold, compiled=compiled, **kwargs))
+    AttentionMaskInterface.register(name, prism_mask)
+    return name

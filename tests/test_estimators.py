@@ -1,0 +1,135 @@
+"""The accuracy-evaluation estimators (bench/estimators.py) on small random inputs, no model."""
+
+import math
+
+import pytest
+import torch
+
+from bench import estimators as E
+from prism_flex import PrismConfig
+
+BS = 16
+
+
+def _qk(lq=100, lkv=100, hq=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, lq, d, generator=g)
+    k = torch.randn(1, hkv, lkv, d, generator=g)
+    return q, k
+
+
+def _cfg(thr=0.9):
+    return PrismConfig(block_size=BS, high_threshold=thr, low_threshold=thr)
+
+
+def _check_table(t, lq, lkv):
+    allowed, diagonal = E.geometry(lq, lkv, BS, t.device)
+    assert t.dtype == torch.bool
+    assert t.shape[-2:] == allowed.shape
+    assert not (t & ~allowed).any(), "selects a causally invisible block"
+    assert t[..., :, 0].all(), "sink missing"
+    assert (t | ~diagonal).all(), "diagonal missing"
+
+
+@pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
+def test_tables_causal_with_sink_and_diagonal(lq, lkv):
+    q, k = _qk(lq, lkv)
+    mass = E.block_mass(q, k, BS)
+    tables = {
+        "prism": E.prism_table(q, k, _cfg()),
+        "prism_nocal": E.prism_nocal_table(q, k, _cfg()),
+        "meanpool": E.meanpool_table(q, k, _cfg()),
+        "xattn": E.xattn_table(q, k, 0.9, BS, stride=4),
+    }
+    tables["oracle"] = E.oracle_table(mass, tables["prism"], lq, lkv, BS)
+    for name, t in tables.items():
+        assert t.shape == (1, 4, math.ceil(lq / BS), math.ceil(lkv / BS)), name
+        _check_table(t, lq, lkv)
+    # the oracle has the reference's block count per head, and at least its recall
+    assert torch.equal(tables["oracle"].sum((-2, -1)), tables["prism"].sum((-2, -1)))
+    r_or = E.recall_from_mass(mass, tables["oracle"], lq)
+    r_pr = E.recall_from_mass(mass, tables["prism"], lq)
+    assert (r_or >= r_pr - 1e-6).all()
+
+
+def test_threshold_one_is_all_visible_blocks():
+    q, k = _qk(90, 120)
+    allowed, _ = E.geometry(90, 120, BS, q.device)
+    full = allowed.expand(1, 4, *allowed.shape)
+    assert torch.equal(E.xattn_table(q, k, 1.0, BS, stride=4), full)
+    assert torch.equal(E.meanpool_table(q, k, _cfg(1.0)), full)
+    assert torch.equal(E.density(full, 90, 120, BS), torch.ones(1, 4))
+
+
+def test_oracle_full_density_and_recall_of_all_blocks():
+    q, k = _qk(100, 100)
+    allowed, _ = E.geometry(100, 100, BS, q.device)
+    full = allowed.expand(1, 4, *allowed.shape)
+    mass = E.block_mass(q, k, BS)
+    assert torch.equal(E.oracle_table(mass, full, 100, 100, BS), full)
+    assert abs(E.recall(q, k, full, BS) - 1.0) < 1e-6
+
+
+def test_recall_matches_token_level():
+    q, k = _qk(40, 56, hq=2, hkv=1, d=8, seed=3)
+    lq, lkv = 40, 56
+    g = torch.Generator().manual_seed(5)
+    allowed, _ = E.geometry(lq, lkv, BS, q.device)
+    table = (torch.rand(1, 2, *allowed.shape, generator=g) < 0.5) & allowed
+    got = E.recall(q, k, table, BS)
+    # direct: per query token, the softmax mass of the keys whose block is selected
+    total = 0.0
+    for h in range(2):
+        for t in range(lq):
+            pos = t + lkv - lq
+            logits = (q[0, h, t] @ k[0, 0, : pos + 1].T) / math.sqrt(8)
+            p = torch.softmax(logits.double(), -1)
+            sel = torch.tensor([bool(table[0, h, t // BS, j // BS]) for j in range(pos + 1)])
+            total += float(p[sel].sum())
+    assert abs(got - total / (2 * lq)) < 1e-5
+
+
+def test_antidiagonal_block_sums_match_naive_loop():
+    bs, s = 8, 4
+    q, k = _qk(24, 24, hq=2, hkv=1, d=4, seed=7)
+    got = E.xattn_block_scores(q, k, bs, s)
+    nb = 3
+    want = torch.zeros(1, 2, nb, nb)
+    for h in range(2):
+        for i in range(nb):
+            for j in range(nb):
+                acc = 0.0
+                # every s-th antidiagonal of each s x s tile: q row a, key col b with
+                # (a mod s) + (b mod s) == s - 1
+                for a in range(i * bs, (i + 1) * bs):
+                    for b in range(j * bs, (j + 1) * bs):
+                        if a % s + b % s == s - 1:
+                            acc += float(q[0, h, a] @ k[0, 0, b])
+                want[0, h, i, j] = acc
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_xattn_probs_rows_sum_to_one_and_block_mask_roundtrip():
+    q, k = _qk(100, 130)
+    p = E.xattn_block_probs(q, k, BS, 4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), rtol=1e-5, atol=1e-5)
+    t = E.xattn_table(q, k, 0.8, BS, 4)
+    mask = E.table_to_block_mask(t, 100, 130, BS)
+    assert torch.equal(mask.to_dense().bool(), t)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_xattn_attention_function_threshold_one_is_dense():
+    from prism_flex import dense_causal_attention
+
+    q, k = _qk(64, 64, hq=4, hkv=2, d=16, seed=11)
+    v = torch.randn_like(k)
+    fn = E.make_xattn_attention_function(1.0, block_size=BS, stride=4, dense_below=0,
+                                         compiled=False)
+    out, _ = fn(None, q, k, v, None, scaling=0.25)
+    want = dense_causal_attention(q, k, v, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    fn = E.make_xattn_attention_function(0.5, block_size=BS, stride=4, dense_below=0,
+                                         compiled=False)
+    out, _ = fn(None, q, k, v, None, scaling=0.25)
+    assert out.shape == (1, 64, 4, 16) and torch.isfinite(out).all()
