@@ -8,6 +8,12 @@ Tasks:
   plus the ``oracle`` (best possible blocks) at each method's density.
 - ``ppl``: perplexity of the text's first L tokens with ``sdpa`` (``dense``) and with each
   sparse method as the model's attention implementation.
+- ``needle``: pass key retrieval (bench/needle.py): the sentence "The pass key is NNNNN. ..."
+  inserted at each of ``--depths`` into the text's first tokens, the prompt (at most L tokens)
+  ending with "What is the pass key? The pass key is"; greedy generation of ``--new-tokens``
+  tokens with each method as the attention implementation; value = exact-match accuracy over
+  the depths, density = mean prefill block density (1.0 for dense). Rows add ``depths``,
+  ``keys``, ``correct`` and ``generated``.
 
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
 only); see bench/estimators.py. Output JSON::
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -178,13 +185,18 @@ def _with_density(fn, densities, table_fn, bs, dense_below=1024):
     return wrapped
 
 
+_NAMES = itertools.count()
+
+
 def register_method(method, thr, head_dim, args, densities) -> str:
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from prism_flex.integrations.transformers import register
 
-    name = f"acc_{method}_{thr}"
+    # a fresh name per call: the wrapper below replaces what register() put under the name,
+    # so a name is never registered twice (ppl and needle, or several lengths, in one run)
+    name = f"acc_{method}_{thr}_{next(_NAMES)}"
     bs = args.block_size
     if method == "xattn":
         E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
@@ -221,6 +233,53 @@ def run_ppl(args, model, ids, L, rows):
 
 
 # ---------------------------------------------------------------------------------------------
+# needle (pass key retrieval)
+
+
+def run_needle(args, model, tok, text, L, rows):
+    from bench.needle import is_correct, make_key, make_prompt
+
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
+        model.config.hidden_size // model.config.num_attention_heads)
+    keys = [make_key(args.seed, i) for i in range(len(args.depths))]
+    prompts = [torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
+               for d, k in zip(args.depths, keys)]
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+    jobs = [("dense", None)] if "dense" in args.methods else []
+    jobs += [(m, t) for t in args.thresholds for m in args.methods if m in SPARSE]
+    for method, thr in jobs:
+        t0 = time.time()
+        densities = []
+        if method == "dense":
+            model.set_attn_implementation("sdpa")
+        else:
+            model.set_attn_implementation(register_method(method, thr, head_dim, args, densities))
+        correct, generated = [], []
+        try:
+            for depth, key, ids in zip(args.depths, keys, prompts):
+                t1 = time.time()
+                with torch.no_grad():
+                    out = model.generate(
+                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                        do_sample=False, pad_token_id=pad, temperature=None, top_p=None,
+                        top_k=None)
+                gen = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+                generated.append(gen)
+                correct.append(is_correct(gen, key))
+                log(f"  needle L={L} {method} thr={thr} depth={depth} key={key}: {gen!r} "
+                    f"{'ok' if correct[-1] else 'MISS'} ({time.time() - t1:.1f}s)")
+        finally:
+            model.set_attn_implementation("sdpa")
+        dens = sum(densities) / len(densities) if densities else 1.0
+        acc = sum(correct) / len(correct)
+        rows.append(dict(model=args.model, task="needle", L=L, method=method, density=dens,
+                         value=acc, threshold=thr, layer="mean", depths=list(args.depths),
+                         keys=keys, correct=correct, generated=generated))
+        log(f"needle L={L} {method} thr={thr}: accuracy {acc:.3f} density {dens:.3f} "
+            f"({time.time() - t0:.1f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def format_table(rows) -> str:
@@ -247,11 +306,15 @@ def main(argv=None):
                    choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
     p.add_argument("--text", default="austen:emma")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    p.add_argument("--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl"])
+    p.add_argument("--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl", "needle"])
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95])
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers captured for recall (default: all on cuda, 0 8 16 23 on cpu)")
+    p.add_argument("--depths", type=float, nargs="+", default=[i / 10 for i in range(10)],
+                   help="needle: relative positions of the pass key (default 0.0 .. 0.9)")
+    p.add_argument("--new-tokens", type=int, default=8, help="needle: tokens generated")
+    p.add_argument("--seed", type=int, default=0, help="needle: pass key seed")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--stride", type=int, default=8, help="xattn antidiagonal stride")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -267,7 +330,8 @@ def main(argv=None):
     t0 = time.time()
     tok, model = load_model(args.model, args.device)
     log(f"loaded {args.model} in {time.time() - t0:.1f}s")
-    all_ids = tok(load_text(args.text), return_tensors="pt").input_ids
+    text = load_text(args.text)
+    all_ids = tok(text, return_tensors="pt").input_ids
     rows = []
     for L in args.lengths:
         if all_ids.shape[1] < L:
@@ -278,6 +342,9 @@ def main(argv=None):
                 fn(args, model, ids, L, rows)
                 # written after every task: partial results survive a crash or a time limit
                 save(args, rows)
+        if "needle" in args.tasks:
+            run_needle(args, model, tok, text, L, rows)
+            save(args, rows)
     print(format_table(rows))
 
 

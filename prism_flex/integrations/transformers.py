@@ -66,10 +66,6 @@ PADDING_ERROR = (
     "tokens) with a dynamic KV cache, or use attn_implementation='sdpa' for padded batches."
 )
 
-# Registered name -> (config, compiled); register() is idempotent per name.
-_REGISTERED: dict[str, tuple[PrismConfig, bool]] = {}
-
-
 def register(
     config: Optional[PrismConfig] = None, name: str = "prism", *, compiled: bool = True
 ) -> str:
@@ -91,15 +87,16 @@ def register(
         raise TypeError(f"config must be a PrismConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if name not in _REGISTERED and (
-        name in ALL_ATTENTION_FUNCTIONS or name == "eager" or "|" in name
-    ):
+    # What is registered under ``name`` says whether it is ours (our functions carry their
+    # settings), so no registry of our own is kept.
+    current = ALL_ATTENTION_FUNCTIONS.get(name)
+    ours = hasattr(current, "prism_config")
+    if (current is not None and not ours) or name == "eager" or "|" in name:
         raise ValueError(
             f"{name!r} is a transformers attention implementation; choose another name"
         )
-    if _REGISTERED.get(name) == (config, compiled):
+    if ours and (current.prism_config, current.prism_compiled) == (config, compiled):
         return name
-    _REGISTERED[name] = (config, compiled)
     AttentionInterface.register(name, make_attention_function(config, compiled=compiled))
     AttentionMaskInterface.register(name, prism_mask)
     return name
@@ -226,4 +223,5 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         return out.transpose(1, 2).contiguous(), None
 
     prism_attention_forward.prism_config = config
+    prism_attention_forward.prism_compiled = compiled
     return prism_attention_forward
