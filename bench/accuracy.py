@@ -34,6 +34,7 @@ Example (CPU, a few layers)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -209,23 +210,37 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     return name
 
 
-def run_ppl(args, model, ids, L, rows):
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads)
+def _jobs(args) -> list:
+    """``(method, threshold)`` pairs to run: dense once, then every sparse method per threshold."""
     jobs = [("dense", None)] if "dense" in args.methods else []
-    jobs += [(m, t) for t in args.thresholds for m in args.methods if m in SPARSE]
-    for method, thr in jobs:
+    return jobs + [(m, t) for t in args.thresholds for m in args.methods if m in SPARSE]
+
+
+@contextlib.contextmanager
+def attention_method(model, method, thr, args):
+    """Run the model with ``method``'s attention inside the block; yields the list that
+    collects the per-layer densities (empty for dense), and restores ``sdpa`` afterwards."""
+    densities = []
+    if method != "dense":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        model.set_attn_implementation(register_method(method, thr, head_dim, args, densities))
+    try:
+        yield densities
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def mean_density(densities) -> float:
+    return sum(densities) / len(densities) if densities else 1.0
+
+
+def run_ppl(args, model, ids, L, rows):
+    for method, thr in _jobs(args):
         t0 = time.time()
-        densities = []
-        if method == "dense":
-            model.set_attn_implementation("sdpa")
-        else:
-            model.set_attn_implementation(register_method(method, thr, head_dim, args, densities))
-        try:
+        with attention_method(model, method, thr, args) as densities:
             ppl = perplexity(model, ids)
-        finally:
-            model.set_attn_implementation("sdpa")
-        dens = sum(densities) / len(densities) if densities else 1.0
+        dens = mean_density(densities)
         rows.append(dict(model=args.model, task="ppl", L=L, method=method, density=dens,
                          value=ppl, threshold=thr, layer="mean"))
         log(f"ppl L={L} {method} thr={thr}: {ppl:.4f} density {dens:.3f} "
@@ -239,23 +254,14 @@ def run_ppl(args, model, ids, L, rows):
 def run_needle(args, model, tok, text, L, rows):
     from bench.needle import is_correct, make_key, make_prompt
 
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads)
     keys = [make_key(args.seed, i) for i in range(len(args.depths))]
     prompts = [torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
                for d, k in zip(args.depths, keys)]
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-    jobs = [("dense", None)] if "dense" in args.methods else []
-    jobs += [(m, t) for t in args.thresholds for m in args.methods if m in SPARSE]
-    for method, thr in jobs:
+    for method, thr in _jobs(args):
         t0 = time.time()
-        densities = []
-        if method == "dense":
-            model.set_attn_implementation("sdpa")
-        else:
-            model.set_attn_implementation(register_method(method, thr, head_dim, args, densities))
         correct, generated = [], []
-        try:
+        with attention_method(model, method, thr, args) as densities:
             for depth, key, ids in zip(args.depths, keys, prompts):
                 t1 = time.time()
                 with torch.no_grad():
@@ -268,9 +274,7 @@ def run_needle(args, model, tok, text, L, rows):
                 correct.append(is_correct(gen, key))
                 log(f"  needle L={L} {method} thr={thr} depth={depth} key={key}: {gen!r} "
                     f"{'ok' if correct[-1] else 'MISS'} ({time.time() - t1:.1f}s)")
-        finally:
-            model.set_attn_implementation("sdpa")
-        dens = sum(densities) / len(densities) if densities else 1.0
+        dens = mean_density(densities)
         acc = sum(correct) / len(correct)
         rows.append(dict(model=args.model, task="needle", L=L, method=method, density=dens,
                          value=acc, threshold=thr, layer="mean", depths=list(args.depths),
