@@ -16,7 +16,8 @@ Tasks:
   ``keys``, ``correct`` and ``generated``.
 
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
-only); see bench/estimators.py. Output JSON::
+only); see bench/estimators.py. ``prism_last``: Prism with ``dense_final_blocks=1`` (the last
+query block of each prefill attends to every earlier block). Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from bench import estimators as E
 from prism_flex import PrismConfig
 
-SPARSE = ("prism", "prism_nocal", "meanpool", "xattn")
+SPARSE = ("prism", "prism_nocal", "meanpool", "xattn", "prism_last")
 ALL_METHODS = ("dense",) + SPARSE + ("oracle",)
 
 
@@ -80,6 +81,8 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
         return dataclasses.replace(cfg, calibrate=False)
     if method == "meanpool":
         return E.meanpool_config(cfg, head_dim)
+    if method == "prism_last":
+        return dataclasses.replace(cfg, dense_final_blocks=1)
     raise ValueError(method)
 
 

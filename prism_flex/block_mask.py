@@ -18,22 +18,28 @@ __all__ = ["compact_blocks", "causal_mask_mod", "block_mask_from_tables"]
 def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
     """Row-wise list of the True columns of a boolean block table.
 
+    A stable partition of each row's column indices, True columns first: one prefix sum and
+    one scatter, O(Nk) per row, no sort. Every row is a permutation of ``0 .. Nk-1``, so the
+    scatter writes every entry of the full-width output (no spill column to slice off and copy).
+
     Args:
         table: bool ``(B, H, R, Nk)``.
     Returns:
         ``(num_blocks, indices)``: int32 ``(B, H, R)`` and int32 ``(B, H, R, Nk)`` (full width,
         contiguous, as FlexAttention wants); row ``r`` lists its True columns in increasing
-        order in ``indices[..., :num_blocks]``, the rest is 0.
+        order in ``indices[..., :num_blocks]``, then its False columns in increasing order
+        (FlexAttention ignores entries past the count).
     """
     nk = table.shape[-1]
-    num = table.sum(dim=-1, dtype=torch.int32)
-    # Position of each True entry in its row's list; False entries go to a spill column.
-    pos = torch.cumsum(table, dim=-1, dtype=torch.int32) - 1
-    pos = torch.where(table, pos, nk).to(torch.int64)
-    cols = torch.arange(nk, dtype=torch.int32, device=table.device).expand_as(pos)
-    out = torch.zeros(*table.shape[:-1], nk + 1, dtype=torch.int32, device=table.device)
-    out = out.scatter(-1, pos, cols)
-    return num, out[..., :nk].contiguous()
+    true_before = torch.cumsum(table, dim=-1, dtype=torch.int32)  # inclusive
+    num = true_before[..., -1]
+    cols = torch.arange(nk, dtype=torch.int32, device=table.device)
+    # True column j goes to (number of True columns up to j) - 1; False column j goes after
+    # all True columns, at num + (number of False columns before j) = num + j - true_before.
+    pos = torch.where(table, true_before - 1, num.unsqueeze(-1) + cols - true_before)
+    out = torch.empty(table.shape, dtype=torch.int32, device=table.device)
+    out = out.scatter(-1, pos.to(torch.int64), cols.expand(table.shape))
+    return num, out
 
 
 def causal_mask_mod(offset):

@@ -52,6 +52,11 @@ class PrismConfig:
         force_diagonal: always select the key block(s) holding the causal diagonal of each
             query block. Turning this off can leave a query token with no visible key; its
             output is then 0 (FlexAttention's convention for fully masked rows).
+        dense_final_blocks: the last ``dense_final_blocks`` query blocks of each call attend
+            to every causally visible key block, whatever the scores say. In a prompt the last
+            block holds the question or instruction, whose link to a fact far back (a pass key,
+            a name) is what block pooling loses most easily; one dense block row costs
+            ``1 / Nq`` of the dense work (0.4 % at 32K tokens). ``0`` turns it off.
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prompts), where selection cannot pay for itself. ``0`` never falls back.
@@ -70,6 +75,7 @@ class PrismConfig:
     low_temperature: float = 1.0
     force_sink: bool = True
     force_diagonal: bool = True
+    dense_final_blocks: int = 0
     rope_layout: str = "half"
     dense_below: int = 1024
     max_score_elements: int = 1 << 26
@@ -100,6 +106,11 @@ class PrismConfig:
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(
                 f"PrismConfig.rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}"
+            )
+        if not _is_int(self.dense_final_blocks) or self.dense_final_blocks < 0:
+            raise ValueError(
+                f"PrismConfig.dense_final_blocks must be an int >= 0, got "
+                f"{self.dense_final_blocks!r}"
             )
         if not _is_int(self.dense_below) or self.dense_below < 0:
             raise ValueError(

@@ -111,22 +111,33 @@ def causal_blocks(q_len: int, kv_len: int, block_size: int):
 def top_p_row(probs: list[float], threshold: float) -> tuple[set[int], float]:
     """Top-p of one row, plus its decision margin.
 
-    Blocks ranked by descending probability, ties by lower index; a block is kept while the
-    mass before it is below the threshold (threshold >= 1 keeps all). The margin is how far
-    the row is from a different decision: the distance of the cut's mass from the threshold
-    and of the probabilities on both sides of the cut (a near-tie there could swap them).
+    Block ``j`` is kept when the mass of the blocks strictly more probable than it is below
+    the threshold (threshold >= 1 keeps all): the usual descending-sort prefix that includes
+    the block crossing the threshold, with blocks tied at the cut all kept. The margin is how
+    far the row is from a different decision: the distance of every block's "mass above" from
+    the threshold, and the gap between the least probable kept and the most probable dropped
+    block (a near-tie there could swap them).
     """
-    order = sorted(range(len(probs)), key=lambda j: (-probs[j], j))
+    n = len(probs)
     if threshold >= 1.0:
-        return set(order), math.inf
-    kept, mass, margin = set(), 0.0, math.inf
-    for rank, j in enumerate(order):
-        margin = min(margin, abs(mass - threshold))
-        if mass >= threshold:
-            margin = min(margin, abs(probs[order[rank - 1]] - probs[j]))
-            break
-        kept.add(j)
-        mass += probs[j]
+        return set(range(n)), math.inf
+    # mass strictly above each block: walk the values in descending order, tie groups at once
+    order = sorted(range(n), key=lambda j: -probs[j])
+    above = [0.0] * n
+    mass, i = 0.0, 0
+    while i < n:
+        group = [order[i]]
+        while i + len(group) < n and probs[order[i + len(group)]] == probs[order[i]]:
+            group.append(order[i + len(group)])
+        for j in group:
+            above[j] = mass
+        mass += sum(probs[j] for j in group)
+        i += len(group)
+    kept = {j for j in range(n) if above[j] < threshold}
+    margin = min(abs(a - threshold) for a in above)
+    dropped = [probs[j] for j in range(n) if j not in kept]
+    if dropped:
+        margin = min(margin, min(probs[j] for j in kept) - max(dropped))
     return kept, margin
 
 
@@ -151,6 +162,8 @@ def selection(q, k, config: PrismConfig) -> tuple[torch.Tensor, torch.Tensor]:
                     chosen.add(0)
                 if config.force_diagonal:
                     chosen |= set(torch.nonzero(diagonal[i]).flatten().tolist())
+                if i >= nq - config.dense_final_blocks:
+                    chosen = set(range(nk))
                 for j in chosen:
                     sel[bi, h, i, j] = bool(allowed[i, j])
     return sel, margin

@@ -6,6 +6,8 @@ a function per process, and this sweep has far more shape classes than a model e
 ``test_compiled.py`` checks that the compiled path equals the eager one on a few classes.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,17 @@ def test_threshold_one_equals_dense_causal_sdpa(p):
     want = F.scaled_dot_product_attention(q.double(), kk.double(), vv.double(), attn_mask=tok)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.all(density == 1.0)
+
+
+@given(p=problems(), n=st.integers(1, 3))
+def test_dense_final_blocks_match_reference(p, n):
+    cfg = dataclasses.replace(CFG, dense_final_blocks=n)
+    q, k, _ = _qkv(p)
+    table = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
+    want, margin = ref.selection(q, k, cfg)
+    assert_tables_equal(table, want, margin)
+    allowed, _ = ref.causal_blocks(p["lq"], p["lkv"], cfg.block_size)
+    assert torch.equal(table[:, :, -n:], allowed[-n:].expand_as(table[:, :, -n:]))
 
 
 @given(p=problems(max_len=1200), t=st.floats(0.05, 0.9), dt=st.floats(0.0, 0.5))

@@ -39,7 +39,7 @@ def test_explicit_band_dims():
         ("calibrate", 1), ("force_sink", None), ("force_diagonal", "yes"),
         ("rope_layout", "neox"), ("rope_layout", None),
         ("dense_below", -1), ("dense_below", 1.0),
-        ("max_score_elements", 0),
+        ("max_score_elements", 0), ("dense_final_blocks", -1), ("dense_final_blocks", 1.0),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):

@@ -68,3 +68,16 @@ def test_inputs_that_require_grad_are_accepted():
     out = PrismAttention(CFG)(q.requires_grad_(), k.requires_grad_(), v)
     torch.testing.assert_close(out, prism_attention(q.detach(), k.detach(), v, CFG))
     assert not out.requires_grad
+
+
+def test_graph_op_takes_every_config_field():
+    """The custom op spells out PrismConfig's fields one by one (its schema must be fixed):
+    a field added to the config but not to the op would be silently dropped under compile."""
+    import dataclasses
+    import inspect
+
+    from prism_flex import graph_op
+
+    params = list(inspect.signature(graph_op.prism_attention_op._init_fn).parameters)
+    fields = [f.name for f in dataclasses.fields(PrismConfig)]
+    assert params == ["q", "k", "v", *fields, "scale"]

@@ -38,11 +38,33 @@ def test_top_p_matches_reference_exactly(probs, threshold):
         assert set(torch.nonzero(got[r]).flatten().tolist()) == kept
 
 
-def test_ties_prefer_lower_index_and_crossing_block_is_kept():
-    probs = torch.full((1, 8), 0.125)
-    assert top_p_select(probs, 0.3).tolist() == [[True, True, True] + [False] * 5]
-    # Mass before block 2 is 0.25 < 0.3, so the block that crosses 0.3 is kept.
-    assert top_p_select(probs, 0.25).tolist() == [[True, True] + [False] * 6]
+def test_ties_at_the_cut_are_all_kept_and_crossing_block_is_kept():
+    probs = torch.tensor([[0.25, 0.125, 0.125, 0.125, 0.125, 0.25]])
+    # 0.25 + 0.25 = 0.5 >= 0.3: the two 0.25 blocks (tied) suffice, both kept.
+    assert top_p_select(probs, 0.3).tolist() == [[True, False, False, False, False, True]]
+    # Mass above each 0.125 block is 0.5 < 0.55: all four tied blocks are kept.
+    assert top_p_select(probs, 0.55).tolist() == [[True] * 6]
+    # Exactly 0.5 above the 0.125 blocks, not below 0.5: they are dropped.
+    assert top_p_select(probs, 0.5).tolist() == [[True, False, False, False, False, True]]
+
+
+def test_top_p_is_column_order_independent():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randint(0, 4, (16, 33), generator=g).float(), dim=-1)
+    perm = torch.randperm(33, generator=g)
+    for threshold in (0.3, 0.8, 0.95):
+        assert torch.equal(top_p_select(probs, threshold)[:, perm],
+                           top_p_select(probs[:, perm], threshold))
+
+
+def test_top_p_matches_sorted_prefix_for_distinct_values():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(64, 300, generator=g), dim=-1)
+    for threshold in (0.1, 0.5, 0.9, 0.95, 0.99):
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        want = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < threshold)
+        assert torch.equal(top_p_select(probs, threshold), want)
 
 
 @given(probs=dyadic_rows(), t1=thresholds, t2=thresholds)
@@ -79,3 +101,4 @@ def test_compact_blocks_lists_true_columns_in_order(data):
         row = table[tuple(pos)]
         n = int(num[tuple(pos)])
         assert idx[tuple(pos)][:n].tolist() == torch.nonzero(row).flatten().tolist()
+        assert idx[tuple(pos)][n:].tolist() == torch.nonzero(~row).flatten().tolist()

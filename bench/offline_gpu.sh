@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Running the accuracy evaluation on a GPU machine that reaches no package registry and takes
+# at most ~64 MiB per call (the device tool of this project; DEVELOPERS.md says how it works).
+#
+# Here (once):
+#   python -m bench.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf .xfer/qwen
+#   mkdir -p .xfer/texts && cp ~/.cache/prism_flex/texts/austen/*.txt .xfer/texts/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl gguf==0.19.0
+#   (and torchao==0.17.0 for the float8 example; both folders are git-ignored)
+# There, one call per slice while the machine stays warm, each carrying its slice:
+#   bash bench/offline_gpu.sh stage            # copies whatever .xfer/ holds to /tmp/xfer
+# then, carrying .whl (and the last slice and the texts):
+#   bash bench/offline_gpu.sh assemble         # rebuilds the GGUF, checks its sha256, caches
+#   source bench/offline_gpu.sh env            # wheels on PYTHONPATH (every later call)
+set -euo pipefail
+MODEL=qwen2.5-coder-0.5b-instruct.gguf
+SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+XFER=/tmp/xfer
+
+case "${1:-}" in
+stage)
+    mkdir -p "$XFER"
+    if [ -d .xfer/qwen ]; then cp .xfer/qwen/* "$XFER"/; fi
+    if [ -d .xfer/texts ]; then mkdir -p ~/.cache/prism_flex/texts/austen && cp .xfer/texts/*.txt ~/.cache/prism_flex/texts/austen/; fi
+    ls -la "$XFER"
+    ;;
+assemble)
+    bash "$0" stage
+    python3 -m bench.models assemble ~/.cache/prism_flex/models/$MODEL $SHA $(ls "$XFER"/$MODEL.part* | sort)
+    ;;
+env)
+    # sourced: install the carried wheels once per machine, put them on the path
+    if [ ! -d /tmp/site ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    fi
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    set +euo pipefail
+    ;;
+*)
+    echo "usage: $0 stage|assemble|env" >&2
+    exit 2
+    ;;
+esac

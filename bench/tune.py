@@ -1,0 +1,200 @@
+"""Selection-step micro-benchmarks and FlexAttention kernel-option sweep (CUDA only).
+
+One run answers the questions behind the performance work of bench/NOTES.md:
+
+1. ``select``: ``prism_block_mask`` per length (Llama shape, synthetic post-RoPE inputs):
+   median GPU-inclusive time (``triton.testing.do_bench``), host time per call (issue time
+   of 20 calls without synchronising), the time of a CUDA-graph replay of the same work
+   (GPU time without host overhead), and the variant with scoring and selection as two
+   compiled graphs instead of one.
+2. ``kernel``: the sparse FlexAttention at 128K on a random 10 % mask, on Prism's own mask and
+   dense, under several ``kernel_options``.
+3. ``profile``: the CUDA kernel table of the selection at the given lengths (text files).
+
+    python -m bench.tune --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+from torch.profiler import ProfilerActivity, profile
+
+import prism_flex
+from prism_flex import attention as A
+
+from .attention import dense_causal_block_mask, random_causal_block_mask
+from .synthetic import SyntheticSpec, synthetic_qkv
+
+LLAMA = (32, 8, 128, 500000.0)
+
+KERNEL_OPTIONS = {
+    "default": {},
+    "m128_n128_w8_s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "m128_n64_w8_s4": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+    "m128_n64_w4_s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "m64_n64_w4_s3": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "tma": {"USE_TMA": True},
+    "prescale": {"PRESCALE_QK": True},
+    "tma_prescale": {"USE_TMA": True, "PRESCALE_QK": True},
+}
+
+
+def do_bench(fn) -> float:
+    from triton.testing import do_bench as tdb
+
+    return float(tdb(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def host_us(fn, calls: int = 20) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def graph_replay_ms(fn) -> float | None:
+    """Median time of a CUDA-graph replay of ``fn`` (its GPU work, no host overhead)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return do_bench(g.replay)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        print("graph capture failed:", type(e).__name__, str(e)[:200], flush=True)
+        return None
+
+
+def two_stage_mask(q, k, cfg):
+    """The same selection as two compiled graphs (scores, then tables)."""
+    bs = cfg.block_size
+    q_len, kv_len = q.shape[2], k.shape[2]
+    nq = (q_len + bs - 1) // bs
+    scores = A._compiled_stage("score")(q, k, cfg, cfg.high_temperature, cfg.low_temperature)
+    return A._compiled_stage("tables")(
+        scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold
+    )
+
+
+def run_select(lengths, out):
+    hq, hkv, d, base = LLAMA
+    cfg = prism_flex.PrismConfig()
+    rows = []
+    for L in lengths:
+        q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+        t0 = time.perf_counter()
+        mask = prism_flex.prism_block_mask(q, k, cfg)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        fused = lambda: prism_flex.prism_block_mask(q, k, cfg)  # noqa: E731
+        two = lambda: two_stage_mask(q, k, cfg)  # noqa: E731
+        two()
+        row = dict(
+            L=L, first_call_s=first, density=float(prism_flex.block_density(mask).mean()),
+            ms=do_bench(fused), host_us=host_us(fused), graph_ms=graph_replay_ms(fused),
+            two_stage_ms=do_bench(two), two_stage_host_us=host_us(two),
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, mask
+        torch.cuda.empty_cache()
+    out["select"] = rows
+
+
+def run_kernel(L, out):
+    hq, hkv, d, base = LLAMA
+    q, k, v = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+    masks = {
+        "random_0.1": random_causal_block_mask(hq, L, 0.1, q.device, seed=0),
+        "prism": prism_flex.prism_block_mask(q, k, prism_flex.PrismConfig()),
+        "dense": dense_causal_block_mask(L, q.device),
+    }
+    rows, default_out = [], {}
+    for name, opts in KERNEL_OPTIONS.items():
+        # a fresh compiled function per option set: kernel_options are compile-time constants
+        flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        for mname, mask in masks.items():
+            def fn(mask=mask, flex=flex, opts=opts):
+                return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=dict(opts))
+
+            try:
+                o = fn()
+                row = dict(options=name, mask=mname, L=L, ms=do_bench(fn))
+                if name == "default":
+                    default_out[mname] = o
+                elif mname in default_out:
+                    row["max_abs_diff_vs_default"] = float(
+                        (o.float() - default_out[mname].float()).abs().max())
+            except Exception as e:  # noqa: BLE001 - an option the kernel rejects is a result
+                row = dict(options=name, mask=mname, L=L,
+                           error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        torch._dynamo.reset()
+    out["kernel"] = rows
+
+
+def run_profile(lengths, out_dir):
+    hq, hkv, d, base = LLAMA
+    cfg = prism_flex.PrismConfig()
+    for L in lengths:
+        q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+        for _ in range(3):
+            prism_flex.prism_block_mask(q, k, cfg)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                prism_flex.prism_block_mask(q, k, cfg)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                          max_name_column_width=70)
+        cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25,
+                                        max_name_column_width=70)
+        with open(os.path.join(out_dir, f"profile_select_{L // 1024}k.txt"), "w") as f:
+            f.write(f"# prism_block_mask, llama shape, L={L}, 5 calls\n## by CUDA time\n{table}\n"
+                    f"## by CPU time\n{cpu}\n")
+        del q, k
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+",
+                   default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--kernel-length", type=int, default=131072)
+    p.add_argument("--profile-lengths", type=int, nargs="*", default=[16384, 131072])
+    p.add_argument("--parts", nargs="+", default=["select", "profile", "kernel"])
+    p.add_argument("--out-dir", default="bench/results")
+    a = p.parse_args()
+    os.makedirs(a.out_dir, exist_ok=True)
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d")}
+    path = os.path.join(a.out_dir, "h200_tune.json")
+    for part in a.parts:
+        t0 = time.time()
+        if part == "select":
+            run_select(a.lengths, out)
+        elif part == "profile":
+            run_profile(a.profile_lengths, a.out_dir)
+        elif part == "kernel":
+            run_kernel(a.kernel_length, out)
+        print(f"== {part} done in {time.time() - t0:.0f}s", flush=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
