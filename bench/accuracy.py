@@ -16,8 +16,9 @@ Tasks:
   ``keys``, ``correct`` and ``generated``.
 
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
-only); see bench/estimators.py. ``prism_last``: Prism with ``dense_final_blocks=1`` (the last
-query block of each prefill attends to every earlier block). Output JSON::
+only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``);
+``prism_last`` is Prism with ``dense_final_blocks=1``, the library default (the last query
+block of each prefill attends to every earlier block). Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -74,7 +75,8 @@ def load_model(name: str, device: str):
 
 
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
-    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr)
+    # "prism" is the paper's method: no dense final block (the library default has one).
+    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0)
     if method == "prism":
         return cfg
     if method == "prism_nocal":

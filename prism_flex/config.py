@@ -56,7 +56,10 @@ class PrismConfig:
             to every causally visible key block, whatever the scores say. In a prompt the last
             block holds the question or instruction, whose link to a fact far back (a pass key,
             a name) is what block pooling loses most easily; one dense block row costs
-            ``1 / Nq`` of the dense work (0.4 % at 32K tokens). ``0`` turns it off.
+            at most ``2 / (Nq + 1)`` of the causal block pairs. Measured on Qwen2.5-Coder-0.5B
+            (README, pass key at 10 depths): with 1, Prism at threshold 0.95 retrieved 10/10 at
+            4K-32K tokens where plain Prism missed up to 2 of 10, for +0.006 block density at
+            32K and +0.034 at 4K. ``0`` is the method of the paper.
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prompts), where selection cannot pay for itself. ``0`` never falls back.
@@ -75,7 +78,7 @@ class PrismConfig:
     low_temperature: float = 1.0
     force_sink: bool = True
     force_diagonal: bool = True
-    dense_final_blocks: int = 0
+    dense_final_blocks: int = 1
     rope_layout: str = "half"
     dense_below: int = 1024
     max_score_elements: int = 1 << 26
