@@ -53,7 +53,9 @@ from bench import estimators as E
 from prism_flex import PrismConfig
 
 SPARSE = ("prism", "prism_nocal", "meanpool", "xattn", "prism_last")
-ALL_METHODS = ("dense",) + SPARSE + ("oracle",)
+# recall only (no attention function): estimator experiments
+RECALL_ONLY = ("subpool_q32", "subpool_q16", "subpool_q32k32")
+ALL_METHODS = ("dense",) + SPARSE + ("oracle",) + RECALL_ONLY
 
 
 def log(*a):
@@ -88,9 +90,14 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
     raise ValueError(method)
 
 
+SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
+
+
 def method_table(method, q, k, thr, bs, stride):
     if method == "xattn":
         return E.xattn_table(q, k, thr, bs, stride)
+    if method in SUBPOOL:
+        return E.subpool_table(q, k, thr, bs, *SUBPOOL[method])
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -128,7 +135,7 @@ def run_recall(args, model, ids, L, rows):
     t0 = time.time()
     store = capture_qk(model, ids, layers)
     log(f"recall L={L}: captured {len(store)} layers in {time.time() - t0:.1f}s")
-    methods = [m for m in args.methods if m in SPARSE]
+    methods = [m for m in args.methods if m in SPARSE or m in RECALL_ONLY]
     per = {}  # (method, thr[, ref]) -> list of (density, recall)
     for layer in sorted(store):
         q, k = store[layer]

@@ -49,6 +49,8 @@ __all__ = [
     "xattn_block_scores",
     "xattn_block_probs",
     "xattn_table",
+    "subpool_block_probs",
+    "subpool_table",
     "block_mass",
     "oracle_table",
     "recall_from_mass",
@@ -224,6 +226,67 @@ def xattn_table(
     allowed, _ = geometry(q.shape[2], k.shape[2], block_size, q.device)
     probs = probs.masked_fill(~allowed, 0.0)
     selected = top_p_select(probs, threshold)
+    return finalize(selected, q.shape[2], k.shape[2], block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-block pooling: the mean of per-sub-row softmaxes instead of the softmax of a block mean
+
+
+def subpool_block_probs(
+    q: Tensor, k: Tensor, block_size: int = 128, q_sub: int = 32, k_sub: int = 128, *,
+    scale: Optional[float] = None, rows_per_chunk: int = 64,
+) -> Tensor:
+    """Block probabilities from queries mean-pooled over ``q_sub`` tokens and keys over
+    ``k_sub`` tokens (both dividing ``block_size``), all head dims, ``scale = 1/sqrt(D)``.
+
+    Each query sub-block gets a causal softmax over the key sub-blocks (a key sub-block is
+    visible when its first token is not after the sub-block's last query position, bottom-right
+    aligned); the probabilities are summed per key block and averaged over the query block's
+    sub-blocks. With ``q_sub = k_sub = block_size`` this is plain mean pooling; smaller query
+    sub-blocks average softmaxes the way the XAttention-style estimator does with its stride
+    rows, at ``block_size / q_sub`` times the block-level cost. Float32 ``(B, Hq, Nq, Nk)``.
+    """
+    if block_size % q_sub or block_size % k_sub:
+        raise ValueError(f"q_sub {q_sub} and k_sub {k_sub} must divide block_size {block_size}")
+    b, hq, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    from prism_flex.scoring import pool_blocks
+
+    qp = pool_blocks(q, q_sub)  # (B, Hq, Rq, D) float32
+    kp = pool_blocks(k, k_sub)  # (B, Hkv, Rk, D)
+    gq, gk = block_size // q_sub, block_size // k_sub
+    nq, nk = _num_blocks(q_len, block_size), _num_blocks(kv_len, block_size)
+    rq, rk = qp.shape[2], kp.shape[2]
+    offset = kv_len - q_len
+    first_key = torch.arange(rk, device=q.device) * k_sub
+    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows_per_chunk):
+        stop = min(nq, start + rows_per_chunk)
+        r0, r1 = start * gq, min(rq, stop * gq)
+        logits = _gqa_matmul(qp[:, :, r0:r1], kp) * scale
+        rows = torch.arange(r0, r1, device=q.device)
+        last_query = torch.clamp((rows + 1) * q_sub, max=q_len) - 1 + offset
+        visible = first_key[None, :] <= last_query[:, None]
+        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        p = F.pad(p, (0, nk * gk - rk, 0, (stop - start) * gq - (r1 - r0)))
+        p = p.view(b, hq, stop - start, gq, nk, gk).sum((3, 5))
+        blk = torch.arange(start, stop, device=q.device)
+        real_rows = torch.clamp((blk + 1) * gq, max=rq) - blk * gq
+        out[:, :, start:stop] = p / real_rows.to(torch.float32)[:, None]
+    return out
+
+
+def subpool_table(
+    q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, q_sub: int = 32,
+    k_sub: int = 128, *, scale: Optional[float] = None,
+) -> Tensor:
+    """Top-p of :func:`subpool_block_probs` plus sink and diagonal, causal (as
+    :func:`xattn_table`). Bool ``(B, Hq, Nq, Nk)``."""
+    probs = subpool_block_probs(q, k, block_size, q_sub, k_sub, scale=scale)
+    allowed, _ = geometry(q.shape[2], k.shape[2], block_size, q.device)
+    selected = top_p_select(probs.masked_fill(~allowed, 0.0), threshold)
     return finalize(selected, q.shape[2], k.shape[2], block_size)
 
 

@@ -133,3 +133,17 @@ def test_xattn_attention_function_threshold_one_is_dense():
                                          compiled=False)
     out, _ = fn(None, q, k, v, None, scaling=0.25)
     assert out.shape == (1, 64, 4, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
+def test_subpool_at_block_granularity_is_meanpool(lq, lkv):
+    import dataclasses
+
+    q, k = _qk(lq, lkv, seed=3)
+    cfg = dataclasses.replace(_cfg(0.8), dense_final_blocks=0)
+    want = E.meanpool_table(q, k, cfg)
+    probs = E.subpool_block_probs(q, k, BS, BS, BS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    assert torch.equal(E.subpool_table(q, k, 0.8, BS, BS, BS), want)
+    for q_sub, k_sub in [(4, 16), (8, 4), (4, 4)]:
+        _check_table(E.subpool_table(q, k, 0.8, BS, q_sub, k_sub), lq, lkv)
