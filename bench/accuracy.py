@@ -18,7 +18,9 @@ Tasks:
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
 only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``);
 ``prism_last`` is Prism with ``dense_final_blocks=1``, the library default (the last query
-block of each prefill attends to every earlier block). Output JSON::
+block of each prefill attends to every earlier block). ``subpool_q32k32`` (and, for recall
+only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
+keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes. Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -52,9 +54,9 @@ import torch.nn.functional as F
 from bench import estimators as E
 from prism_flex import PrismConfig
 
-SPARSE = ("prism", "prism_nocal", "meanpool", "xattn", "prism_last")
-# recall only (no attention function): estimator experiments
-RECALL_ONLY = ("subpool_q32", "subpool_q16", "subpool_q32k32")
+SPARSE = ("prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32")
+# recall only (no attention function registered for them): estimator experiments
+RECALL_ONLY = ("subpool_q32", "subpool_q16")
 ALL_METHODS = ("dense",) + SPARSE + ("oracle",) + RECALL_ONLY
 
 
@@ -213,6 +215,11 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     bs = args.block_size
     if method == "xattn":
         E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
+    elif method in SUBPOOL:
+        q_sub, k_sub = SUBPOOL[method]
+        E.register_table_method(name, E.make_table_attention_function(
+            lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
+            bs, compiled=not args.eager))
     else:
         register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,9 @@ __all__ = [
     "oracle_table",
     "recall_from_mass",
     "recall",
+    "make_table_attention_function",
     "make_xattn_attention_function",
+    "register_table_method",
     "register_xattn",
 ]
 
@@ -365,39 +367,56 @@ def recall(q: Tensor, k: Tensor, table: Tensor, block_size: int = 128, *,
 # XAttention-style selection as a transformers attention implementation (for perplexity)
 
 
-def make_xattn_attention_function(
-    threshold: float, block_size: int = 128, stride: int = 8, *, dense_below: int = 1024,
-    compiled: bool = True,
+def make_table_attention_function(
+    table_fn: Callable[[Tensor, Tensor, Optional[float]], Tensor], block_size: int = 128, *,
+    dense_below: int = 1024, compiled: bool = True,
 ):
-    """An ``AttentionInterface`` function: XAttention-style mask + ``prism_flex.sparse_attention``
-    (short queries dense, like Prism). Plain causal, unpadded inputs only."""
+    """An ``AttentionInterface`` function: the block table ``table_fn(q, k, scale)`` as a
+    ``BlockMask`` + ``prism_flex.sparse_attention`` (short queries dense, like Prism). Plain
+    causal, unpadded inputs only."""
     from prism_flex import dense_causal_attention
 
     @torch.no_grad()
-    def xattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+    def table_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                 scaling=None, is_causal=None, **kwargs):
         if attention_mask is not None:
-            raise NotImplementedError("xattn: only the plain causal mask (no padding)")
+            raise NotImplementedError("table estimators: only the plain causal mask (no padding)")
         q, k, v = query.detach(), key.detach(), value.detach()
         if q.shape[2] < dense_below:
             out = dense_causal_attention(q, k, v, scale=scaling)
         else:
-            table = xattn_table(q, k, threshold, block_size, stride, scale=scaling)
+            table = table_fn(q, k, scaling)
             mask = table_to_block_mask(table, q.shape[2], k.shape[2], block_size)
             out = sparse_attention(q, k, v, mask, scale=scaling, compiled=compiled)
         return out.transpose(1, 2).contiguous(), None
 
-    return xattn_attention_forward
+    return table_attention_forward
 
 
-def register_xattn(threshold: float, name: str, *, compiled: bool = True, **kwargs) -> str:
-    """Register the XAttention-style estimator with transformers under ``name``."""
+def make_xattn_attention_function(
+    threshold: float, block_size: int = 128, stride: int = 8, *, dense_below: int = 1024,
+    compiled: bool = True,
+):
+    """The XAttention-style estimator as an ``AttentionInterface`` function."""
+    return make_table_attention_function(
+        lambda q, k, scale: xattn_table(q, k, threshold, block_size, stride, scale=scale),
+        block_size, dense_below=dense_below, compiled=compiled,
+    )
+
+
+def register_table_method(name: str, attention_function) -> str:
+    """Register an attention function made by :func:`make_table_attention_function`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     from prism_flex.integrations.transformers import prism_mask
 
-    AttentionInterface.register(
-        name, make_xattn_attention_function(threshold, compiled=compiled, **kwargs))
+    AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, prism_mask)
     return name
+
+
+def register_xattn(threshold: float, name: str, *, compiled: bool = True, **kwargs) -> str:
+    """Register the XAttention-style estimator with transformers under ``name``."""
+    return register_table_method(
+        name, make_xattn_attention_function(threshold, compiled=compiled, **kwargs))
