@@ -20,7 +20,8 @@ only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_b
 ``prism_last`` is Prism with ``dense_final_blocks=1``, the library default (the last query
 block of each prefill attends to every earlier block). ``subpool_q32k32`` (and, for recall
 only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
-keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes. Output JSON::
+keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes.
+``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``). Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -54,7 +55,9 @@ import torch.nn.functional as F
 from bench import estimators as E
 from prism_flex import PrismConfig
 
-SPARSE = ("prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32")
+SPARSE = (
+    "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
+)
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
 ALL_METHODS = ("dense",) + SPARSE + ("oracle",) + RECALL_ONLY
@@ -89,6 +92,8 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
         return E.meanpool_config(cfg, head_dim)
     if method == "prism_last":
         return dataclasses.replace(cfg, dense_final_blocks=1)
+    if method == "prism_l0dense":  # Prism, and layer 0 dense (register_method)
+        return cfg
     raise ValueError(method)
 
 
@@ -187,11 +192,17 @@ def perplexity(model, ids, chunk=512) -> float:
     return math.exp(nll / n)
 
 
-def _with_density(fn, densities, table_fn, bs, dense_below=1024):
+def _with_density(fn, densities, table_fn, bs, dense_below=1024, dense_layers=()):
     """Wrap an attention function: also record the block density of each long call (the
-    selection is recomputed eagerly at block level, which is cheap next to the attention)."""
+    selection is recomputed eagerly at block level, which is cheap next to the attention).
+    Layers in ``dense_layers`` run ``sdpa`` instead (density 1)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def wrapped(module, query, key, value, attention_mask, **kwargs):
+        if getattr(module, "layer_idx", None) in dense_layers:
+            if query.shape[2] >= dense_below:
+                densities.append(1.0)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if query.shape[2] >= dense_below:
             t = table_fn(query.detach(), key.detach())
             densities.append(float(E.density(t, query.shape[2], key.shape[2], bs).mean()))
@@ -224,7 +235,8 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]
     wrapped = _with_density(
-        fn, densities, lambda q, k: method_table(method, q, k, thr, bs, args.stride), bs)
+        fn, densities, lambda q, k: method_table(method, q, k, thr, bs, args.stride), bs,
+        dense_layers=(0,) if method == "prism_l0dense" else ())
     AttentionInterface.register(name, wrapped)
     return name
 
