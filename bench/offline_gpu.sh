@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Running the accuracy evaluation on a GPU machine that reaches no package registry and takes
-# at most ~64 MiB per call (the device tool of this project; DEVELOPERS.md says how it works).
+# at most ~64 MiB per call, keeping files in /tmp between calls while the machine stays warm.
 #
 # Here (once):
 #   python -m bench.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf .xfer/qwen
