@@ -100,8 +100,8 @@ def run_select(lengths, out):
         mask = prism_flex.prism_block_mask(q, k, cfg)
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        fused = lambda: prism_flex.prism_block_mask(q, k, cfg)  # noqa: E731
-        two = lambda: two_stage_mask(q, k, cfg)  # noqa: E731
+        fused = lambda q=q, k=k: prism_flex.prism_block_mask(q, k, cfg)  # noqa: E731
+        two = lambda q=q, k=k: two_stage_mask(q, k, cfg)  # noqa: E731
         two()
         row = dict(
             L=L, first_call_s=first, density=float(prism_flex.block_density(mask).mean()),

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from prism_flex import PrismConfig  # noqa: E402
-from prism_flex.integrations.transformers import PADDING_ERROR, register  # noqa: E402
+from prism_flex.integrations.transformers import register  # noqa: E402
 
 DENSE = PrismConfig(high_threshold=1.0, low_threshold=1.0, dense_below=0)
 SPARSE = PrismConfig(dense_below=0)  # default thresholds 0.95
