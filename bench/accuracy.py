@@ -142,7 +142,9 @@ def run_recall(args, model, ids, L, rows):
     t0 = time.time()
     store = capture_qk(model, ids, layers)
     log(f"recall L={L}: captured {len(store)} layers in {time.time() - t0:.1f}s")
-    methods = [m for m in args.methods if m in SPARSE or m in RECALL_ONLY]
+    # prism_l0dense differs from prism only in which layers run dense: no recall of its own
+    methods = [m for m in args.methods
+               if (m in SPARSE or m in RECALL_ONLY) and m != "prism_l0dense"]
     per = {}  # (method, thr[, ref]) -> list of (density, recall)
     for layer in sorted(store):
         q, k = store[layer]

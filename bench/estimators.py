@@ -34,7 +34,7 @@ from torch import Tensor
 
 from prism_flex import PrismConfig, prism_block_mask, sparse_attention
 from prism_flex.block_mask import block_mask_from_tables, compact_blocks
-from prism_flex.scoring import causal_block_geometry
+from prism_flex.scoring import causal_block_geometry, pool_blocks
 from prism_flex.selection import combine_selection, top_p_select
 
 __all__ = [
@@ -175,6 +175,33 @@ def xattn_block_scores(q: Tensor, k: Tensor, block_size: int = 128, stride: int 
     return a.view(b, h, nq, g, nk, g).sum((3, 5))
 
 
+def _mean_sub_row_softmax(qs, ks, scale, visible, gq, gk, nq, nk, rows_per_chunk):
+    """Block probabilities ``(B, Hq, Nq, Nk)`` from sub-row / sub-column vectors.
+
+    ``qs``: ``(B, Hq, Rq, E)``, ``gq`` sub-rows per query block; ``ks``: ``(B, Hkv, Rk, E)``,
+    ``gk`` sub-columns per key block. Each sub-row gets a softmax of ``scale * qs·ksᵀ`` over
+    the sub-columns where ``visible(rows, cols)`` (bool ``(R, Rk)``) holds; the probabilities
+    are summed per key block and averaged over the query block's real sub-rows. Chunked over
+    ``rows_per_chunk`` query blocks.
+    """
+    b, hq, rq = qs.shape[:3]
+    rk = ks.shape[2]
+    cols = torch.arange(rk, device=qs.device)
+    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=qs.device)
+    for start in range(0, nq, rows_per_chunk):
+        stop = min(nq, start + rows_per_chunk)
+        r0, r1 = start * gq, min(rq, stop * gq)
+        logits = _gqa_matmul(qs[:, :, r0:r1], ks) * scale
+        rows = torch.arange(r0, r1, device=qs.device)
+        p = torch.softmax(logits.masked_fill(~visible(rows, cols), float("-inf")), dim=-1)
+        p = F.pad(p, (0, nk * gk - rk, 0, (stop - start) * gq - (r1 - r0)))
+        p = p.view(b, hq, stop - start, gq, nk, gk).sum((3, 5))
+        blk = torch.arange(start, stop, device=qs.device)
+        real_rows = torch.clamp((blk + 1) * gq, max=rq) - blk * gq  # sub-rows per query block
+        out[:, :, start:stop] = p / real_rows.to(torch.float32)[:, None]
+    return out
+
+
 def xattn_block_probs(
     q: Tensor, k: Tensor, block_size: int = 128, stride: int = 8, *, scale: Optional[float] = None,
     rows_per_chunk: int = 64,
@@ -198,23 +225,12 @@ def xattn_block_probs(
     nq, nk = _num_blocks(q_len, block_size), _num_blocks(kv_len, block_size)
     qs = _stride_groups(q, stride, q_len, reverse=False)  # (B, Hq, Rq, S*D)
     ks = _stride_groups(k, stride, kv_len, reverse=True)  # (B, Hkv, Rk, S*D)
-    rq, rk = qs.shape[2], ks.shape[2]
     offset = kv_len - q_len
-    cols = torch.arange(rk, device=q.device)
-    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
-    for start in range(0, nq, rows_per_chunk):
-        stop = min(nq, start + rows_per_chunk)
-        r0, r1 = start * g, min(rq, stop * g)
-        logits = _gqa_matmul(qs[:, :, r0:r1], ks) * (scale / stride)
-        rows = torch.arange(r0, r1, device=q.device)
-        visible = cols[None, :] * stride <= rows[:, None] * stride + offset
-        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        p = F.pad(p, (0, nk * g - rk, 0, (stop - start) * g - (r1 - r0)))
-        p = p.view(b, hq, stop - start, g, nk, g).sum((3, 5))
-        blk = torch.arange(start, stop, device=q.device)
-        real_rows = torch.clamp((blk + 1) * g, max=rq) - blk * g  # stride rows per query block
-        out[:, :, start:stop] = p / real_rows.to(torch.float32)[:, None]
-    return out
+
+    def visible(rows, cols):
+        return cols[None, :] * stride <= rows[:, None] * stride + offset
+
+    return _mean_sub_row_softmax(qs, ks, scale / stride, visible, g, g, nq, nk, rows_per_chunk)
 
 
 def xattn_table(
@@ -254,30 +270,17 @@ def subpool_block_probs(
     b, hq, q_len, d = q.shape
     kv_len = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    from prism_flex.scoring import pool_blocks
-
     qp = pool_blocks(q, q_sub)  # (B, Hq, Rq, D) float32
     kp = pool_blocks(k, k_sub)  # (B, Hkv, Rk, D)
     gq, gk = block_size // q_sub, block_size // k_sub
     nq, nk = _num_blocks(q_len, block_size), _num_blocks(kv_len, block_size)
-    rq, rk = qp.shape[2], kp.shape[2]
     offset = kv_len - q_len
-    first_key = torch.arange(rk, device=q.device) * k_sub
-    out = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
-    for start in range(0, nq, rows_per_chunk):
-        stop = min(nq, start + rows_per_chunk)
-        r0, r1 = start * gq, min(rq, stop * gq)
-        logits = _gqa_matmul(qp[:, :, r0:r1], kp) * scale
-        rows = torch.arange(r0, r1, device=q.device)
+
+    def visible(rows, cols):
         last_query = torch.clamp((rows + 1) * q_sub, max=q_len) - 1 + offset
-        visible = first_key[None, :] <= last_query[:, None]
-        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        p = F.pad(p, (0, nk * gk - rk, 0, (stop - start) * gq - (r1 - r0)))
-        p = p.view(b, hq, stop - start, gq, nk, gk).sum((3, 5))
-        blk = torch.arange(start, stop, device=q.device)
-        real_rows = torch.clamp((blk + 1) * gq, max=rq) - blk * gq
-        out[:, :, start:stop] = p / real_rows.to(torch.float32)[:, None]
-    return out
+        return cols[None, :] * k_sub <= last_query[:, None]
+
+    return _mean_sub_row_softmax(qp, kp, scale, visible, gq, gk, nq, nk, rows_per_chunk)
 
 
 def subpool_table(

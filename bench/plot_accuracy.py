@@ -123,6 +123,25 @@ def plot_ppl(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def _method_by_length(rows, task, title, cell) -> list[str]:
+    """A markdown table of ``task``: one row per (method, threshold), one column per length,
+    ``cell(row)`` in each cell; dense first."""
+    rows = [r for r in rows if r["task"] == task]
+    if not rows:
+        return []
+    lengths = sorted({r["L"] for r in rows})
+    out = [title, "", "| method | thr | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
+           "|---|---|" + "---|" * len(lengths)]
+    for m, thr in sorted({(r["method"], r["threshold"]) for r in rows},
+                         key=lambda x: (x[0] != "dense", x[0], x[1] or 0)):
+        cells = []
+        for L in lengths:
+            r = [x for x in rows if (x["method"], x["threshold"], x["L"]) == (m, thr, L)]
+            cells.append(cell(r[0]) if r else "")
+        out.append(f"| {m} | {'' if thr is None else f'{thr:g}'} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def markdown(rows) -> str:
     out = []
     rec = mean_rows(rows, "recall")
@@ -140,35 +159,12 @@ def markdown(rows) -> str:
                 cells.append(f"{r[0]['value']:.3f} @ {r[0]['density']:.3f}" if r else "")
             out.append(f"| {model} | {L // 1024}K | {thr:g} | " + " | ".join(cells) + " |")
         out.append("")
-    ppl = [r for r in rows if r["task"] == "ppl"]
-    if ppl:
-        lengths = sorted({r["L"] for r in ppl})
-        out += ["Perplexity @ density:", "",
-                "| method | thr | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
-                "|---|---|" + "---|" * len(lengths)]
-        for m, thr in sorted({(r["method"], r["threshold"]) for r in ppl},
-                             key=lambda x: (x[0] != "dense", x[0], x[1] or 0)):
-            cells = []
-            for L in lengths:
-                r = [x for x in ppl if (x["method"], x["threshold"], x["L"]) == (m, thr, L)]
-                cells.append(f"{r[0]['value']:.2f} @ {r[0]['density']:.3f}" if r else "")
-            out.append(f"| {m} | {'' if thr is None else f'{thr:g}'} | " + " | ".join(cells) + " |")
-        out.append("")
-    needle = [r for r in rows if r["task"] == "needle"]
-    if needle:
-        lengths = sorted({r["L"] for r in needle})
-        out += ["Needle (pass key at 10 depths), correct / 10 @ density:", "",
-                "| method | thr | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
-                "|---|---|" + "---|" * len(lengths)]
-        for m, thr in sorted({(r["method"], r["threshold"]) for r in needle},
-                             key=lambda x: (x[0] != "dense", x[0], x[1] or 0)):
-            cells = []
-            for L in lengths:
-                r = [x for x in needle if (x["method"], x["threshold"], x["L"]) == (m, thr, L)]
-                cells.append(f"{sum(r[0]['correct'])}/{len(r[0]['correct'])} @ "
-                             f"{r[0]['density']:.3f}" if r else "")
-            out.append(f"| {m} | {'' if thr is None else f'{thr:g}'} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    out += _method_by_length(rows, "ppl", "Perplexity @ density:",
+                             lambda r: f"{r['value']:.2f} @ {r['density']:.3f}")
+    out += _method_by_length(
+        rows, "needle", "Needle (pass key at 10 depths), correct / 10 @ density:",
+        lambda r: f"{sum(r['correct'])}/{len(r['correct'])} @ {r['density']:.3f}")
+    return "\n".join(out).rstrip()
 
 
 def main(argv=None):
