@@ -10,6 +10,10 @@ One run answers the questions behind the performance work of bench/NOTES.md:
 2. ``kernel``: the sparse FlexAttention at 128K on a random 10 % mask, on Prism's own mask and
    dense, under several ``kernel_options``.
 3. ``profile``: the CUDA kernel table of the selection at the given lengths (text files).
+4. ``micro``: the selection's building blocks (sorts, cumsum, softmax, pooling, compaction)
+   timed one by one at the given lengths.
+5. ``memory``: time and extra memory of the selection at 1M tokens for several
+   ``max_score_elements``.
 
     python -m bench.tune --out-dir $OUT
 """
@@ -84,7 +88,9 @@ def two_stage_mask(q, k, cfg):
     bs = cfg.block_size
     q_len, kv_len = q.shape[2], k.shape[2]
     nq = (q_len + bs - 1) // bs
-    scores = A._compiled_stage("score")(q, k, cfg, cfg.high_temperature, cfg.low_temperature)
+    q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
+    scores = A._compiled_stage("score")(q_pool, k_pool, cfg, cfg.high_temperature,
+                                        cfg.low_temperature)
     return A._compiled_stage("tables")(
         scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold
     )
@@ -170,12 +176,95 @@ def run_profile(lengths, out_dir):
         del q, k
 
 
+def run_micro(L, out):
+    """Building blocks of the selection at length ``L`` (Llama shape), each timed alone, to
+    say which part a faster selection must attack."""
+    hq, hkv, d, base = LLAMA
+    n = L // 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(1, hq, n, n, device="cuda", generator=g) * 3
+    probs = torch.softmax(logits, -1)
+    rows = []
+
+    def add(name, fn):
+        try:
+            ms = do_bench(fn)
+        except Exception as e:  # noqa: BLE001 - reported
+            ms = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(dict(L=L, name=name, ms=ms))
+        print(json.dumps(rows[-1]), flush=True)
+
+    half = probs[:, :, : n // 2]
+    folded = torch.cat([half, half[..., :1]], -1).contiguous()  # (1, H, N/2, N+1)
+    bits = probs.view(torch.int32)
+    add("sort_f32_full", lambda: torch.sort(probs, -1, descending=True).values)
+    add("sort_i32_full", lambda: torch.sort(bits, -1, descending=True).values)
+    add("sort_f16_full", lambda p=probs.half(): torch.sort(p, -1, descending=True).values)
+    add("sort_f32_folded", lambda: torch.sort(folded, -1, descending=True).values)
+    for w in (256, 512):
+        part = probs[..., :w].contiguous()
+        add(f"sort_f32_width{w}", lambda part=part: torch.sort(part, -1, descending=True).values)
+    static_sort = torch.compile(lambda x: torch.sort(x, -1, descending=True).values,
+                                dynamic=False)
+    add("sort_f32_full_inductor_static", lambda: static_sort(probs))
+    add("topk_f32_k128", lambda: torch.topk(probs, 128, -1).values)
+    add("cumsum_f32_full", lambda: torch.cumsum(probs, -1))
+    add("softmax_f32_full", lambda: torch.softmax(logits, -1))
+    table = probs > 1.0 / n
+    comp = torch.compile(A.compact_blocks, dynamic=True)
+    add("compact_compiled", lambda: comp(table))
+    q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+    from prism_flex.scoring import pool_blocks
+    pool = torch.compile(pool_blocks, dynamic=True)
+    add("pool_q_compiled", lambda: pool(q, 128))
+    add("pool_k_compiled", lambda: pool(k, 128))
+    add("pool_q_eager", lambda: pool_blocks(q, 128))
+    add("pool_k_eager", lambda: pool_blocks(k, 128))
+    add("pool_q_eager_float_sum", lambda: q.view(1, hq, n, 128, d).sum(3, dtype=torch.float32))
+    cfg = prism_flex.PrismConfig()
+    add("prism_block_mask", lambda: prism_flex.prism_block_mask(q, k, cfg))
+    out.setdefault("micro", []).extend(rows)
+
+
+def run_memory(L, out):
+    """``prism_block_mask`` at ``L`` tokens under several ``max_score_elements``: time and
+    the memory it allocates on top of its inputs, split into the index tables (fixed by
+    FlexAttention's format) and the rest (the scoring's working memory)."""
+    hq, hkv, d, base = LLAMA
+    q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+    n = L // 128
+    tables_gib = 2 * hq * n * (n + 1) * 4 / 2**30
+    rows = []
+    for elements in (2**26, 2**25, 2**24):
+        cfg = prism_flex.PrismConfig(max_score_elements=elements)
+        mask = prism_flex.prism_block_mask(q, k, cfg)
+        del mask
+        torch.cuda.synchronize()
+        base_bytes = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        mask = prism_flex.prism_block_mask(q, k, cfg)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        extra = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
+        row = dict(L=L, max_score_elements=elements, ms=ms, extra_gib=extra,
+                   tables_gib=tables_gib, scoring_gib=extra - tables_gib,
+                   density=float(prism_flex.block_density(mask).mean()))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del mask
+        torch.cuda.empty_cache()
+    out.setdefault("memory", []).extend(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+",
                    default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--kernel-length", type=int, default=131072)
     p.add_argument("--profile-lengths", type=int, nargs="*", default=[16384, 131072])
+    p.add_argument("--micro-lengths", type=int, nargs="*", default=[65536, 131072])
+    p.add_argument("--memory-lengths", type=int, nargs="*", default=[1048576])
     p.add_argument("--parts", nargs="+", default=["select", "profile", "kernel"])
     p.add_argument("--out-dir", default="bench/results")
     a = p.parse_args()
@@ -189,6 +278,12 @@ def main():
             run_select(a.lengths, out)
         elif part == "profile":
             run_profile(a.profile_lengths, a.out_dir)
+        elif part == "micro":
+            for L in a.micro_lengths:
+                run_micro(L, out)
+        elif part == "memory":
+            for L in a.memory_lengths:
+                run_memory(L, out)
         elif part == "kernel":
             run_kernel(a.kernel_length, out)
         print(f"== {part} done in {time.time() - t0:.0f}s", flush=True)

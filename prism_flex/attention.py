@@ -3,11 +3,12 @@
 Compile boundaries (explicit, built lazily on first use so that importing the package compiles
 nothing and never touches CUDA):
 
-- ``_mask_tables``: pooling, bands, temperatures, block logits, softmax, top-p, union and
-  index compaction, in one graph, when all query blocks are scored at once;
-- when the scores would exceed ``config.max_score_elements``: ``_score_inputs`` (pooling,
-  bands and temperatures, once per call), then ``_select_tables`` (the rest) per chunk of
-  query blocks;
+- the block means of Q and K (``pool_blocks``) run eagerly, before: ATen's reduction reads
+  Q faster than inductor's code for it;
+- ``_mask_tables``: bands, temperatures, block logits, softmax, top-p, union and index
+  tables, in one graph, when all query blocks are scored at once;
+- when the scores would exceed ``config.max_score_elements``: ``_score_inputs`` (bands and
+  temperatures, once per call), then ``_select_tables`` (the rest) per chunk of query blocks;
 - ``flex_attention`` itself.
 
 All are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
@@ -29,7 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import graph_op
-from .block_mask import block_mask_from_tables, compact_blocks, with_table_mask_mod
+from .block_mask import block_mask_from_tables, compact_blocks, run_tables, with_table_mask_mod
 from .config import PrismConfig
 from .scoring import (
     band,
@@ -37,6 +38,7 @@ from .scoring import (
     band_temperature,
     block_softmax,
     causal_block_geometry,
+    diagonal_range,
     pool_blocks,
 )
 from .selection import combine_selection, top_p_select
@@ -115,15 +117,16 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig) -> dict[str, Tensor]
         ``(B, H, N, d_band)``; ``{"div_high", "div_low"}``: ``(B, Hq)`` divisors
         ``sqrt(d_band) * t_band`` of the band logits.
     """
-    return _score_inputs(q, k, config, config.high_temperature, config.low_temperature)
+    return _score_inputs(
+        pool_blocks(q, config.block_size), pool_blocks(k, config.block_size), config,
+        config.high_temperature, config.low_temperature,
+    )
 
 
-def _score_inputs(q, k, config, high_temperature, low_temperature):
+def _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature):
     # The float knobs travel as arguments, not as config attributes: torch.compile treats
     # float arguments as inputs but attributes as constants (one recompilation per value).
-    high_dims, low_dims = config.band_dims(q.shape[-1])
-    q_pool = pool_blocks(q, config.block_size)
-    k_pool = pool_blocks(k, config.block_size)
+    high_dims, low_dims = config.band_dims(q_pool.shape[-1])
     out = {}
     for name, dims, temperature in (
         ("high", high_dims, high_temperature),
@@ -134,7 +137,8 @@ def _score_inputs(q, k, config, high_temperature, low_temperature):
         if config.calibrate:
             t = band_temperature(q_pool, k_pool, q_band, k_band)
         else:
-            t = torch.full(q.shape[:2], temperature, dtype=torch.float32, device=q.device)
+            t = torch.full(q_pool.shape[:2], temperature, dtype=torch.float32,
+                           device=q_pool.device)
         out[f"q_{name}"] = q_band
         out[f"k_{name}"] = k_band
         out[f"div_{name}"] = math.sqrt(dims) * t
@@ -189,18 +193,26 @@ def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
     selected, allowed, diagonal = _select_blocks(
         scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr
     )
-    partial_num, partial_idx = compact_blocks(selected & diagonal)
+    if config.force_diagonal:
+        # The partial blocks are exactly the diagonal: written from its range directly.
+        first, last = diagonal_range(
+            row_start, num_rows, q_len, kv_len, config.block_size, selected.device
+        )
+        partial_num, partial_idx = run_tables(
+            first, last, selected.shape[-1], selected.shape[0], selected.shape[1]
+        )
+    else:
+        partial_num, partial_idx = compact_blocks(selected & diagonal)
     full_num, full_idx = compact_blocks(selected & ~diagonal)
     return partial_num, partial_idx, full_num, full_idx
 
 
-def _mask_tables(q, k, config, high_temperature, low_temperature, high_thr, low_thr):
+def _mask_tables(q_pool, k_pool, q_len, kv_len, config, high_temperature, low_temperature,
+                 high_thr, low_thr):
     """Scoring and selection of all query blocks in one graph (the unchunked case): one
     compiled call instead of two, which matters at short lengths where host time dominates."""
-    scores = _score_inputs(q, k, config, high_temperature, low_temperature)
-    q_len, kv_len = q.shape[2], k.shape[2]
-    nq = (q_len + config.block_size - 1) // config.block_size
-    return _select_tables(scores, 0, nq, q_len, kv_len, config, high_thr, low_thr)
+    scores = _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature)
+    return _select_tables(scores, 0, q_pool.shape[2], q_len, kv_len, config, high_thr, low_thr)
 
 
 _STAGES = {
@@ -252,10 +264,14 @@ def prism_block_mask(
     temperatures = (config.high_temperature, config.low_temperature)
     thresholds = (config.high_threshold, config.low_threshold)
     rows = max(1, config.max_score_elements // (batch * hq * nk))
+    # Pooling runs eagerly in every mode (see pool_blocks: faster than its compiled form).
+    q_pool, k_pool = pool_blocks(q, bs), pool_blocks(k, bs)
     if nq <= rows:
-        tables = _stage("mask", compiled)(q, k, config, *temperatures, *thresholds)
+        tables = _stage("mask", compiled)(
+            q_pool, k_pool, q_len, kv_len, config, *temperatures, *thresholds
+        )
     else:
-        scores = _stage("score", compiled)(q, k, config, *temperatures)
+        scores = _stage("score", compiled)(q_pool, k_pool, config, *temperatures)
         tables_fn = _stage("tables", compiled)
         # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
         tables = _empty_tables(batch, hq, nq, nk, q.device)
