@@ -21,7 +21,10 @@ only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_b
 block of each prefill attends to every earlier block). ``subpool_q32k32`` (and, for recall
 only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
 keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes.
-``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``). Output JSON::
+``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
+``prism_finelast``: Prism (no dense final block) whose last query block also takes the top-p
+of a 16 / 16 sub-block pooled scoring (:func:`bench.estimators.fine_final_table`), the cheap
+alternative to ``prism_last``. Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -57,6 +60,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
+    "prism_finelast",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -100,7 +104,10 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
 SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
 
 
-def method_table(method, q, k, thr, bs, stride):
+def method_table(method, q, k, thr, bs, stride, scale=None):
+    if method == "prism_finelast":
+        return E.fine_final_table(q, k, prism_cfg("prism", thr, q.shape[-1], bs), thr,
+                                  scale=scale)
     if method == "xattn":
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
@@ -228,6 +235,10 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     bs = args.block_size
     if method == "xattn":
         E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
+    elif method == "prism_finelast":
+        E.register_table_method(name, E.make_table_attention_function(
+            lambda q, k, scale: method_table(method, q, k, thr, bs, args.stride, scale),
+            bs, compiled=not args.eager))
     elif method in SUBPOOL:
         q_sub, k_sub = SUBPOOL[method]
         E.register_table_method(name, E.make_table_attention_function(

@@ -265,13 +265,14 @@ def prism_block_mask(
     thresholds = (config.high_threshold, config.low_threshold)
     rows = max(1, config.max_score_elements // (batch * hq * nk))
     # Pooling runs eagerly in every mode (see pool_blocks: faster than its compiled form).
-    q_pool, k_pool = pool_blocks(q, bs), pool_blocks(k, bs)
+    q_pool, k_pool = _lengths_only_dynamic(pool_blocks(q, bs), pool_blocks(k, bs))
     if nq <= rows:
         tables = _stage("mask", compiled)(
             q_pool, k_pool, q_len, kv_len, config, *temperatures, *thresholds
         )
     else:
         scores = _stage("score", compiled)(q_pool, k_pool, config, *temperatures)
+        scores = dict(zip(scores, _lengths_only_dynamic(*scores.values())))
         tables_fn = _stage("tables", compiled)
         # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
         tables = _empty_tables(batch, hq, nq, nk, q.device)
@@ -287,6 +288,27 @@ def prism_block_mask(
         # capture a symbolic size, which its kernel templates cannot take (torch 2.11).
         offset = torch.full((), offset, dtype=torch.int32, device=q.device)
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
+
+
+def _lengths_only_dynamic(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Views of ``(B, H, ...)`` tensors whose head count and last dim (head dim, band dims)
+    our compiled stages treat as constants; batch and lengths stay dynamic.
+
+    Why: with ``dynamic=True`` every size is symbolic, and dynamo's duck sizing assumes that
+    sizes equal at the first call stay equal (Qwen2.5 at 8K tokens: 64 key blocks and head
+    dim 64), so the next length recompiled. New tensor objects (``detach``: same storage, no
+    view base for dynamo to track), so that the marks never touch a caller's tensor. Not
+    applied while a compile of the user's model traces us (it would specialise their graph).
+    """
+    if torch.compiler.is_compiling():
+        return tensors
+    out = []
+    for t in tensors:
+        t = t.detach()
+        for dim in (1, t.dim() - 1) if t.dim() > 2 else (1,):
+            torch._dynamo.mark_static(t, dim)
+        out.append(t)
+    return tuple(out)
 
 
 def _empty_tables(batch, heads, nq, nk, device):
@@ -359,6 +381,7 @@ def sparse_attention(
         block_mask = with_table_mask_mod(block_mask)
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     options = None if torch.compiler.is_compiling() else _kernel_options(q.device)
+    q, k, v = _lengths_only_dynamic(q, k, v)
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                 kernel_options=options)
 

@@ -65,7 +65,10 @@ class PrismConfig:
             prompts), where selection cannot pay for itself. ``0`` never falls back.
         max_score_elements: upper bound on the number of block scores (batch x query heads
             x query blocks x key blocks) materialised at once; longer inputs are scored in
-            chunks of query blocks, which bounds the scoring memory (~40 bytes per score).
+            chunks of query blocks, which bounds the scoring memory: ~65-80 bytes per score
+            (H200, Llama shape at 1M tokens: 3.9 / 2.1 / 1.2 GiB for 2**26 / 2**25 / 2**24,
+            the last 6 % slower; bench/results/h200_tune.json). The default 2**25 still scores
+            Llama-8B's 32 heads at 128K tokens in one piece (one compiled graph, no chunks).
     """
 
     block_size: int = 128
@@ -81,7 +84,7 @@ class PrismConfig:
     dense_final_blocks: int = 1
     rope_layout: str = "half"
     dense_below: int = 1024
-    max_score_elements: int = 1 << 26
+    max_score_elements: int = 1 << 25
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
