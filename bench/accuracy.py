@@ -22,9 +22,9 @@ block of each prefill attends to every earlier block). ``subpool_q32k32`` (and, 
 only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
 keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes.
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
-``prism_finelast``: Prism (no dense final block) whose last query block also takes the top-p
-of a 16 / 16 sub-block pooled scoring (:func:`bench.estimators.fine_final_table`), the cheap
-alternative to ``prism_last``. Output JSON::
+``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``: the last query
+block also takes the top-p of a 16-token sub-block scoring, the cheap alternative to
+``prism_last``. Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -96,6 +96,8 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
         return E.meanpool_config(cfg, head_dim)
     if method == "prism_last":
         return dataclasses.replace(cfg, dense_final_blocks=1)
+    if method == "prism_finelast":
+        return dataclasses.replace(cfg, final_block_pool=16)
     if method == "prism_l0dense":  # Prism, and layer 0 dense (register_method)
         return cfg
     raise ValueError(method)
@@ -104,10 +106,7 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
 SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
 
 
-def method_table(method, q, k, thr, bs, stride, scale=None):
-    if method == "prism_finelast":
-        return E.fine_final_table(q, k, prism_cfg("prism", thr, q.shape[-1], bs), thr,
-                                  scale=scale)
+def method_table(method, q, k, thr, bs, stride):
     if method == "xattn":
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
@@ -235,10 +234,6 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     bs = args.block_size
     if method == "xattn":
         E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
-    elif method == "prism_finelast":
-        E.register_table_method(name, E.make_table_attention_function(
-            lambda q, k, scale: method_table(method, q, k, thr, bs, args.stride, scale),
-            bs, compiled=not args.eager))
     elif method in SUBPOOL:
         q_sub, k_sub = SUBPOOL[method]
         E.register_table_method(name, E.make_table_attention_function(

@@ -51,7 +51,6 @@ __all__ = [
     "xattn_table",
     "subpool_block_probs",
     "subpool_table",
-    "fine_final_table",
     "block_mass",
     "oracle_table",
     "recall_from_mass",
@@ -294,30 +293,6 @@ def subpool_table(
     allowed, _ = geometry(q.shape[2], k.shape[2], block_size, q.device)
     selected = top_p_select(probs.masked_fill(~allowed, 0.0), threshold)
     return finalize(selected, q.shape[2], k.shape[2], block_size)
-
-
-def fine_final_table(
-    q: Tensor, k: Tensor, cfg: PrismConfig, threshold: float, *, q_sub: int = 16,
-    k_sub: int = 16, final_blocks: int = 1, scale: Optional[float] = None,
-) -> Tensor:
-    """Prism's table (``cfg``), with the last ``final_blocks`` query-block rows also getting
-    the top-p (``threshold``) of :func:`subpool_block_probs` at ``q_sub`` / ``k_sub``.
-
-    The cheap alternative to a dense final block (``dense_final_blocks``): the question at the
-    end of a prompt must reach a needle that a 128-token key mean dilutes; sub-block pooling
-    keeps a short needle visible. Its cost, ``(block_size / q_sub) x (Lkv / k_sub) x D`` per
-    head and row, is ``q_sub * k_sub`` times less than the row's exact ``Q Kᵀ`` (1/256 at
-    16 / 16). Bool ``(B, Hq, Nq, Nk)``.
-    """
-    bs = cfg.block_size
-    table = prism_table(q, k, cfg)
-    nq = table.shape[2]
-    start = max(0, nq - final_blocks)
-    probs = subpool_block_probs(q[:, :, start * bs:], k, bs, q_sub, k_sub, scale=scale)
-    allowed, _ = geometry(q.shape[2], k.shape[2], bs, q.device)
-    rows = allowed[start:]
-    table[:, :, start:] |= top_p_select(probs.masked_fill(~rows, 0.0), threshold)
-    return finalize(table, q.shape[2], k.shape[2], bs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .scoring import (
     block_softmax,
     causal_block_geometry,
     diagonal_range,
+    final_block_probs,
     pool_blocks,
 )
 from .selection import combine_selection, top_p_select
@@ -177,13 +178,21 @@ def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
         block_softmax(band_logits(q_low, scores["k_low"], scores["div_low"]), allowed),
         low_thr,
     )
-    dense_rows = None
+    nq = (q_len + config.block_size - 1) // config.block_size
+    rows = torch.arange(num_rows, device=q_high.device) + row_start
+    dense_rows = extra = None
     if config.dense_final_blocks:
-        nq = (q_len + config.block_size - 1) // config.block_size
-        rows = torch.arange(num_rows, device=q_high.device) + row_start
         dense_rows = rows >= nq - config.dense_final_blocks
+    if config.final_block_pool:
+        probs = final_block_probs(scores["q_final"], scores["k_fine"], q_len, kv_len,
+                                  config.block_size, config.final_block_pool)
+        # The larger threshold's top-p, written as the union of both (a superset property):
+        # no max() of the two float arguments, which a compiled graph would guard on.
+        fine = top_p_select(probs, high_thr) | top_p_select(probs, low_thr)
+        extra = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
     selected = combine_selection(
-        high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows
+        high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
+        extra,
     )
     return selected, allowed, diagonal
 
@@ -207,11 +216,13 @@ def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
     return partial_num, partial_idx, full_num, full_idx
 
 
-def _mask_tables(q_pool, k_pool, q_len, kv_len, config, high_temperature, low_temperature,
-                 high_thr, low_thr):
+def _mask_tables(q_pool, k_pool, fine, q_len, kv_len, config, high_temperature,
+                 low_temperature, high_thr, low_thr):
     """Scoring and selection of all query blocks in one graph (the unchunked case): one
-    compiled call instead of two, which matters at short lengths where host time dominates."""
+    compiled call instead of two, which matters at short lengths where host time dominates.
+    ``fine``: the finer pooled tensors of ``config.final_block_pool`` (empty when off)."""
     scores = _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature)
+    scores.update(fine)
     return _select_tables(scores, 0, q_pool.shape[2], q_len, kv_len, config, high_thr, low_thr)
 
 
@@ -266,13 +277,16 @@ def prism_block_mask(
     rows = max(1, config.max_score_elements // (batch * hq * nk))
     # Pooling runs eagerly in every mode (see pool_blocks: faster than its compiled form).
     q_pool, k_pool = _lengths_only_dynamic(pool_blocks(q, bs), pool_blocks(k, bs))
+    fine = {}
+    if config.final_block_pool:
+        fine = _final_block_inputs(q, k, nq, bs, config.final_block_pool)
     if nq <= rows:
         tables = _stage("mask", compiled)(
-            q_pool, k_pool, q_len, kv_len, config, *temperatures, *thresholds
+            q_pool, k_pool, fine, q_len, kv_len, config, *temperatures, *thresholds
         )
     else:
         scores = _stage("score", compiled)(q_pool, k_pool, config, *temperatures)
-        scores = dict(zip(scores, _lengths_only_dynamic(*scores.values())))
+        scores = dict(zip(scores, _lengths_only_dynamic(*scores.values())), **fine)
         tables_fn = _stage("tables", compiled)
         # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
         tables = _empty_tables(batch, hq, nq, nk, q.device)
@@ -281,6 +295,8 @@ def prism_block_mask(
             chunk = tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)
             for dst, src in zip(tables, chunk):
                 dst[:, :, start : start + n].copy_(src)
+    # (B, Hq, Nq) and (B, Hq, Nq, Nk): only the head count is a constant.
+    tables = _lengths_only_dynamic(*tables, head_dim=False)
     offset = kv_len - q_len
     if offset != 0:
         # A tensor, not an int: as an int, a compiled flex_attention would bake the value in
@@ -290,25 +306,45 @@ def prism_block_mask(
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
 
 
-def _lengths_only_dynamic(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Views of ``(B, H, ...)`` tensors whose head count and last dim (head dim, band dims)
-    our compiled stages treat as constants; batch and lengths stay dynamic.
+def _lengths_only_dynamic(*tensors: Tensor, head_dim: bool = True) -> tuple[Tensor, ...]:
+    """``(B, H, ...)`` tensors whose head count (dim 1) and, with ``head_dim``, last dim (head
+    dim, band dims) of 4-dim tensors our compiled stages treat as constants; batch and
+    lengths stay dynamic.
 
     Why: with ``dynamic=True`` every size is symbolic, and dynamo's duck sizing assumes that
     sizes equal at the first call stay equal (Qwen2.5 at 8K tokens: 64 key blocks and head
     dim 64), so the next length recompiled. New tensor objects (``detach``: same storage, no
     view base for dynamo to track), so that the marks never touch a caller's tensor. Not
-    applied while a compile of the user's model traces us (it would specialise their graph).
+    applied while a compile of the user's model traces us (it would specialise their graph),
+    nor to tensors that require grad (``sparse_attention`` may be given some: detaching them
+    would cut the graph).
     """
     if torch.compiler.is_compiling():
         return tensors
     out = []
     for t in tensors:
+        if t.requires_grad:
+            out.append(t)
+            continue
         t = t.detach()
-        for dim in (1, t.dim() - 1) if t.dim() > 2 else (1,):
-            torch._dynamo.mark_static(t, dim)
+        torch._dynamo.mark_static(t, 1)
+        if head_dim and t.dim() == 4:
+            torch._dynamo.mark_static(t, 3)
         out.append(t)
     return tuple(out)
+
+
+def _final_block_inputs(q: Tensor, k: Tensor, nq: int, bs: int, pool: int) -> dict:
+    """The pooled inputs of :func:`~prism_flex.scoring.final_block_probs`: the last query
+    block over ``pool`` tokens, zero-padded to ``bs / pool`` rows (a constant, marked static:
+    a last block of one sub-block would otherwise be specialised as a size-1 dim), and all
+    keys over ``pool`` tokens."""
+    q_final = pool_blocks(q[:, :, (nq - 1) * bs :], pool)
+    q_final = F.pad(q_final, (0, 0, 0, bs // pool - q_final.shape[2]))
+    q_final, k_fine = _lengths_only_dynamic(q_final, pool_blocks(k, pool))
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static(q_final, 2)
+    return {"q_final": q_final, "k_fine": k_fine}
 
 
 def _empty_tables(batch, heads, nq, nk, device):

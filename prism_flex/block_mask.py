@@ -32,7 +32,10 @@ def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
     """
     nk = table.shape[-1]
     true_before = torch.cumsum(table, dim=-1, dtype=torch.int32)  # inclusive
-    num = true_before[..., -1]
+    # A reduction of its own, not true_before[..., -1]: that view would carry a storage
+    # offset of Nk - 1, which dynamo guards on (and duck-sizes against other sizes) when the
+    # tables reach a compiled flex_attention.
+    num = table.sum(dim=-1, dtype=torch.int32)
     cols = torch.arange(nk, dtype=torch.int32, device=table.device)
     # True column j goes to (number of True columns up to j) - 1; False column j goes after
     # all True columns, at num + (number of False columns before j) = num + j - true_before.

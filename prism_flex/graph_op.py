@@ -37,6 +37,7 @@ def prism_attention_op(
     force_sink: bool,
     force_diagonal: bool,
     dense_final_blocks: int,
+    final_block_pool: int,
     rope_layout: str,
     dense_below: int,
     max_score_elements: int,
@@ -50,7 +51,8 @@ def prism_attention_op(
         high_threshold=high_threshold, low_threshold=low_threshold, calibrate=calibrate,
         high_temperature=high_temperature, low_temperature=low_temperature,
         force_sink=force_sink, force_diagonal=force_diagonal,
-        dense_final_blocks=dense_final_blocks, rope_layout=rope_layout,
+        dense_final_blocks=dense_final_blocks, final_block_pool=final_block_pool,
+        rope_layout=rope_layout,
         dense_below=dense_below, max_score_elements=max_score_elements,
     )
     out, density = prism_attention(q, k, v, config, scale=scale, return_density=True)
@@ -71,6 +73,7 @@ def call(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[f
         q, k, v, config.block_size, config.high_band_dims, config.low_band_dims,
         float(config.high_threshold), float(config.low_threshold), config.calibrate,
         float(config.high_temperature), float(config.low_temperature), config.force_sink,
-        config.force_diagonal, config.dense_final_blocks, config.rope_layout, config.dense_below,
+        config.force_diagonal, config.dense_final_blocks, config.final_block_pool,
+        config.rope_layout, config.dense_below,
         config.max_score_elements, scale,
     )

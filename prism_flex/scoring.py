@@ -23,6 +23,7 @@ __all__ = [
     "diagonal_range",
     "causal_block_geometry",
     "block_softmax",
+    "final_block_probs",
 ]
 
 
@@ -179,3 +180,41 @@ def block_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
     """
     masked = logits.float().masked_fill(~allowed, float("-inf"))
     return torch.softmax(masked, dim=-1)
+
+
+def final_block_probs(
+    q_final: Tensor, k_fine: Tensor, q_len, kv_len, block_size: int, pool: int
+) -> Tensor:
+    """Block probabilities of the last query block from ``pool``-token sub-blocks.
+
+    Each query sub-block of the last query block (its mean query) gets a causal softmax over
+    the key sub-blocks (their mean keys; scale ``1/sqrt(D)``, all head dims, no calibration),
+    bottom-right aligned: key sub-block ``c`` is visible when its first token is not after
+    the sub-block's last query position. The probabilities are summed per key block and
+    averaged over the query sub-blocks.
+
+    Args:
+        q_final: ``(B, Hq, G, D)`` float32, ``G = block_size / pool``: the last query block
+            mean-pooled over ``pool`` tokens, zero rows past its last token (a fixed ``G``,
+            so that a short last block does not give a compiled graph another shape);
+            k_fine: ``(B, Hkv, Rk, D)`` float32, all keys mean-pooled over ``pool`` tokens
+            (``Rk = ceil(Lkv / pool)``).
+    Returns:
+        ``(B, Hq, 1, Nk)`` float32, rows summing to 1.
+    """
+    b, hq, g, d = q_final.shape
+    hkv, rk = k_fine.shape[1], k_fine.shape[2]
+    per_block = block_size // pool
+    nq = (q_len + block_size - 1) // block_size
+    nk = (kv_len + block_size - 1) // block_size
+    logits = torch.matmul(
+        q_final.reshape(b, hkv, (hq // hkv) * g, d), k_fine.transpose(-1, -2)
+    ).view(b, hq, g, rk) / math.sqrt(d)
+    first = torch.arange(g, device=q_final.device) * pool + (nq - 1) * block_size
+    real = first < q_len  # query sub-blocks holding tokens
+    last = torch.clamp(first + pool, max=q_len) - 1 + (kv_len - q_len)
+    visible = torch.arange(rk, device=q_final.device)[None, :] * pool <= last[:, None]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.nn.functional.pad(probs, (0, nk * per_block - rk))
+    per_key_block = probs.view(b, hq, g, nk, per_block).sum(-1) * real[:, None]
+    return per_key_block.sum(2, keepdim=True) / real.sum()

@@ -50,17 +50,21 @@ def combine_selection(
     force_sink: bool,
     force_diagonal: bool,
     dense_rows: Optional[Tensor] = None,
+    extra: Optional[Tensor] = None,
 ) -> Tensor:
-    """Final block table: high ∪ low ∪ sink ∪ diagonal ∪ dense rows, restricted to causally
-    visible blocks.
+    """Final block table: high ∪ low ∪ sink ∪ diagonal ∪ dense rows ∪ extra, restricted to
+    causally visible blocks.
 
     Args:
         high, low: bool ``(B, H, R, Nk)`` band selections; allowed, diagonal: bool ``(R, Nk)``;
-        dense_rows: optional bool ``(R,)``, rows that keep every visible block.
+        dense_rows: optional bool ``(R,)``, rows that keep every visible block;
+        extra: optional bool, broadcastable to ``(B, H, R, Nk)``, more selected blocks.
     Returns:
         bool ``(B, H, R, Nk)``.
     """
     selected = high | low
+    if extra is not None:
+        selected = selected | extra
     if force_sink:
         # Key block 0 is visible to every query block: the sink is always a legal choice.
         sink = torch.zeros_like(allowed)

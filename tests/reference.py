@@ -141,9 +141,37 @@ def top_p_row(probs: list[float], threshold: float) -> tuple[set[int], float]:
     return kept, margin
 
 
+def final_block_probs(q, k, config: PrismConfig) -> torch.Tensor:
+    """The finer scoring of the last query block (``config.final_block_pool = p``), token by
+    token: for each run of ``p`` queries of the last block, its mean query against the mean
+    key of each run of ``p`` keys whose first key it can see (bottom-right causal), softmax
+    scaled by ``1/sqrt(D)``; each key run's probability goes to its key block; the rows are
+    averaged over the query runs. Float64 ``(B, Hq, Nk)``."""
+    p, bs = config.final_block_pool, config.block_size
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    nq, nk = num_blocks(lq, bs), num_blocks(lkv, bs)
+    query_runs = [(s, min(s + p, lq)) for s in range((nq - 1) * bs, lq, p)]
+    key_runs = [(s, min(s + p, lkv)) for s in range(0, lkv, p)]
+    out = torch.zeros(b, hq, nk, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            for a, e in query_runs:
+                qm = q[bi, h, a:e].double().mean(0)
+                last = e - 1 + (lkv - lq)
+                seen = [(c0, c1) for c0, c1 in key_runs if c0 <= last]
+                logits = torch.stack([qm @ k[bi, kh, c0:c1].double().mean(0) for c0, c1 in seen])
+                w = torch.softmax(logits / math.sqrt(d), dim=0)
+                for (c0, _), wi in zip(seen, w):
+                    out[bi, h, c0 // bs] += wi / len(query_runs)
+    return out
+
+
 def selection(q, k, config: PrismConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Final selected blocks ``(B, Hq, Nq, Nk)`` and each row's decision margin ``(B, Hq, Nq)``."""
     bp = band_probs(q, k, config)
+    fine = final_block_probs(q, k, config) if config.final_block_pool else None
     allowed, diagonal = bp["allowed"], bp["diagonal"]
     b, hq, nq, nk = bp["probs_high"].shape
     sel = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
@@ -156,6 +184,11 @@ def selection(q, k, config: PrismConfig) -> tuple[torch.Tensor, torch.Tensor]:
                     kept, m = top_p_row(
                         bp[f"probs_{which}"][bi, h, i].tolist(), getattr(config, f"{which}_threshold")
                     )
+                    chosen |= kept
+                    margin[bi, h, i] = min(margin[bi, h, i], m)
+                if fine is not None and i == nq - 1:
+                    thr = max(config.high_threshold, config.low_threshold)
+                    kept, m = top_p_row(fine[bi, h].tolist(), thr)
                     chosen |= kept
                     margin[bi, h, i] = min(margin[bi, h, i], m)
                 if config.force_sink:

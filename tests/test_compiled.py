@@ -1,8 +1,11 @@
 """The compiled path (torch.compile'd scoring and flex_attention) against the eager one.
 
 A few fixed shape classes, each compiled once (dynamic lengths): batch 1 and 3, GQA 2 and 7,
-head dims 64 and 32, lengths from 2 blocks to 2048 tokens, Lq <= Lkv.
+head dims 64 and 32, lengths from 2 blocks to 2048 tokens, Lq <= Lkv; with the finer scoring
+of the final query block on (``final_block_pool``).
 """
+
+import dataclasses
 
 import torch
 from hypothesis import given
@@ -13,7 +16,10 @@ from prism_flex import PrismConfig, prism_attention, prism_block_mask
 from . import reference as ref
 from .conftest import assert_tables_equal, structured_qkv
 
-CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8)
+# The finer final-block scoring on (instead of the dense final block) so that the compiled
+# path of that option is covered without compiling one more graph.
+CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8, dense_final_blocks=0,
+                  final_block_pool=32)
 SHAPE_CLASSES = [  # (batch, query heads, kv heads, head dim)
     (1, 4, 2, 64),
     (3, 7, 1, 32),
@@ -46,8 +52,7 @@ def test_compiled_equals_eager(p):
 def test_chunked_scoring_equals_one_shot():
     q, k, v = structured_qkv(1, 4, 2, 1500, 2000, 64, seed=3)
     one = prism_block_mask(q, k, CFG)
-    chunked_cfg = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8,
-                              max_score_elements=4 * 16 * 3)  # 3 query blocks per chunk
+    chunked_cfg = dataclasses.replace(CFG, max_score_elements=4 * 16 * 3)  # 3 rows per chunk
     chunked = prism_block_mask(q, k, chunked_cfg)
     _, margin = ref.selection(q, k, CFG)
     assert_tables_equal(chunked.to_dense().bool(), one.to_dense().bool(), margin)
@@ -59,7 +64,7 @@ def test_no_recompilation_across_lengths():
     """After warm-up, a sweep over 8 lengths (multiples of the block size or not, Lq <= Lkv,
     two configs with different thresholds) compiles nothing new."""
     counters = torch._dynamo.utils.counters
-    configs = [CFG, PrismConfig(dense_below=0, high_threshold=0.5, low_threshold=0.9)]
+    configs = [CFG, dataclasses.replace(CFG, high_threshold=0.5, low_threshold=0.9)]
     for lq, lkv in [(600, 600), (700, 1000)]:  # warm-up: equal and unequal lengths
         prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), CFG)
     before = counters["stats"]["unique_graphs"]
@@ -68,3 +73,21 @@ def test_no_recompilation_across_lengths():
         for cfg in configs:
             prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), cfg)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_head_counts_and_head_dims_are_static_for_the_compiled_stages():
+    """Only batch and lengths are symbolic in our compiled stages: otherwise dynamo's duck
+    sizing ties a length to an equal head dim at the first call (Qwen2.5 at 8K tokens: 64 key
+    blocks, head dim 64) and the next length recompiles. The marks go on new tensor objects,
+    never on the caller's."""
+    from prism_flex.attention import _lengths_only_dynamic
+
+    q = torch.randn(1, 4, 8, 8)
+    (marked,) = _lengths_only_dynamic(q)
+    assert marked.data_ptr() == q.data_ptr() and marked is not q
+    assert marked._dynamo_static_indices == {1, 3}
+    assert not hasattr(q, "_dynamo_static_indices")
+    (div,) = _lengths_only_dynamic(torch.ones(1, 4))
+    assert div._dynamo_static_indices == {1}
+    num, idx = _lengths_only_dynamic(torch.ones(1, 4, 5), torch.ones(1, 4, 5, 5), head_dim=False)
+    assert num._dynamo_static_indices == idx._dynamo_static_indices == {1}

@@ -40,6 +40,7 @@ def test_explicit_band_dims():
         ("rope_layout", "neox"), ("rope_layout", None),
         ("dense_below", -1), ("dense_below", 1.0),
         ("max_score_elements", 0), ("dense_final_blocks", -1), ("dense_final_blocks", 1.0),
+        ("final_block_pool", -1), ("final_block_pool", 48), ("final_block_pool", 16.0),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):
