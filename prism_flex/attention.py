@@ -116,12 +116,18 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig) -> dict[str, Tensor]
     Returns:
         ``{"q_high", "k_high", "q_low", "k_low"}``: pooled band vectors, float32
         ``(B, H, N, d_band)``; ``{"div_high", "div_low"}``: ``(B, Hq)`` divisors
-        ``sqrt(d_band) * t_band`` of the band logits.
+        ``sqrt(d_band) * t_band`` of the band logits; with ``config.final_block_pool``, also
+        ``{"q_final", "k_fine"}`` (see :func:`~prism_flex.scoring.final_block_probs`).
     """
-    return _score_inputs(
-        pool_blocks(q, config.block_size), pool_blocks(k, config.block_size), config,
+    bs = config.block_size
+    scores = _score_inputs(
+        pool_blocks(q, bs), pool_blocks(k, bs), config,
         config.high_temperature, config.low_temperature,
     )
+    if config.final_block_pool:
+        nq = (q.shape[2] + bs - 1) // bs
+        scores.update(_final_block_inputs(q, k, nq, bs, config.final_block_pool))
+    return scores
 
 
 def _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature):

@@ -208,3 +208,16 @@ def test_block_density_counts_visible_pairs():
     q, k, v = structured_qkv(1, 2, 1, 300, 300, 32)
     cfg = PrismConfig(dense_below=0, high_threshold=1.0, low_threshold=1.0)
     assert torch.all(block_density(prism_block_mask(q, k, cfg, compiled=False)) == 1.0)
+
+
+@pytest.mark.parametrize("final_block_pool", [0, 32])
+def test_score_inputs_and_select_blocks_compose_to_the_mask(final_block_pool):
+    """The public two-step API gives the mask's selection, in row chunks too."""
+    from prism_flex import score_inputs, select_blocks
+
+    cfg = dataclasses.replace(CFG, dense_final_blocks=0, final_block_pool=final_block_pool)
+    q, k, _ = structured_qkv(2, 4, 2, 700, 900, 64, seed=1)
+    scores = score_inputs(q, k, cfg)
+    want = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
+    parts = [select_blocks(scores, s, min(3, 6 - s), 700, 900, cfg)[0] for s in (0, 3)]
+    assert torch.equal(torch.cat(parts, dim=2), want)
