@@ -69,8 +69,8 @@ class PrismConfig:
             products per head (1/256 of the row's exact ``Q Kᵀ`` at ``p = 16``). Must divide
             ``block_size``; ``0`` (default) is off. Measured on Qwen2.5-Coder-0.5B (CPU,
             README) with ``dense_final_blocks=0``: 10/10 pass keys at 4K, 8K and 16K (plain
-            Prism 10, 8, 9) for +0.002 density at 4K and 8K. Not yet the default: 32K and
-            perplexity are unmeasured.
+            Prism 10, 8, 9) for +0.002 density at 4K and 8K, perplexity no worse at 4K
+            and 8K. Not yet the default: the 32K needle and the GPU time are unmeasured.
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prompts), where selection cannot pay for itself. ``0`` never falls back.

@@ -203,13 +203,11 @@ def final_block_probs(
         ``(B, Hq, 1, Nk)`` float32, rows summing to 1.
     """
     b, hq, g, d = q_final.shape
-    hkv, rk = k_fine.shape[1], k_fine.shape[2]
+    rk = k_fine.shape[2]
     per_block = block_size // pool
     nq = (q_len + block_size - 1) // block_size
     nk = (kv_len + block_size - 1) // block_size
-    logits = torch.matmul(
-        q_final.reshape(b, hkv, (hq // hkv) * g, d), k_fine.transpose(-1, -2)
-    ).view(b, hq, g, rk) / math.sqrt(d)
+    logits = band_logits(q_final, k_fine, q_final.new_full((b, hq), math.sqrt(d)))
     first = torch.arange(g, device=q_final.device) * pool + (nq - 1) * block_size
     real = first < q_len  # query sub-blocks holding tokens
     last = torch.clamp(first + pool, max=q_len) - 1 + (kv_len - q_len)
