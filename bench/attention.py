@@ -793,6 +793,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict the methods (default: all that the device runs)")
     p.add_argument("--threshold", type=float, default=None,
                    help="Prism top-p threshold for both bands (default: PrismConfig's)")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="other PrismConfig fields, e.g. final_block_pool=16 dense_final_blocks=0")
     p.add_argument("--reps", type=int, default=None,
                    help="timed repetitions (default: adaptive, about --target-s per measurement)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compiles included)")
@@ -824,6 +826,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.plot is None:
         args.plot = f"bench/results/{'h200' if on_cuda else 'cpu_smoke'}_speedup.png"
     return args
+
+
+def prism_config(fields: list[str], threshold: Optional[float] = None) -> prism_flex.PrismConfig:
+    """A ``PrismConfig`` from ``FIELD=VALUE`` strings (values read as Python literals, e.g.
+    ``final_block_pool=16``, ``calibrate=False``) and an optional threshold for both bands."""
+    import ast
+
+    kwargs = {}
+    for item in fields:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config takes FIELD=VALUE, got {item!r}")
+        try:
+            kwargs[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[name] = value  # a bare string, e.g. rope_layout=interleaved
+    if threshold is not None:
+        kwargs.update(high_threshold=threshold, low_threshold=threshold)
+    try:
+        return prism_flex.PrismConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--config: {e}") from e
 
 
 def select_methods(requested: Optional[list[str]], cuda: bool) -> list[str]:
@@ -868,8 +892,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     s = make_settings(args, start)
-    config = (prism_flex.PrismConfig() if args.threshold is None else
-              prism_flex.PrismConfig(high_threshold=args.threshold, low_threshold=args.threshold))
+    config = prism_config(args.config, args.threshold)
     methods = select_methods(args.methods, s.cuda)
     meta = dict(environment(s), config=repr(config), settings=vars(args), notes=FIELD_NOTES)
     print(f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {config}")

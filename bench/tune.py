@@ -9,6 +9,8 @@ One run answers the questions behind the performance work of bench/NOTES.md:
    compiled graphs instead of one.
 2. ``kernel``: the sparse FlexAttention at 128K on a random 10 % mask, on Prism's own mask and
    dense, under several ``kernel_options``.
+   ``host``: the host time per call of the selection's pieces (pooling, compiled graph,
+   BlockMask) at the given lengths.
 3. ``profile``: the CUDA kernel table of the selection at the given lengths (text files).
 4. ``micro``: the selection's building blocks (sorts, cumsum, softmax, pooling, compaction)
    timed one by one at the given lengths.
@@ -32,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import prism_flex
 from prism_flex import attention as A
 
-from .attention import dense_causal_block_mask, random_causal_block_mask
+from .attention import dense_causal_block_mask, prism_config, random_causal_block_mask
 from .synthetic import SyntheticSpec, synthetic_qkv
 
 LLAMA = (32, 8, 128, 500000.0)
@@ -91,14 +93,15 @@ def two_stage_mask(q, k, cfg):
     q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
     scores = A._compiled_stage("score")(q_pool, k_pool, cfg, cfg.high_temperature,
                                         cfg.low_temperature)
+    if cfg.final_block_pool:
+        scores = dict(scores, **A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool))
     return A._compiled_stage("tables")(
         scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold
     )
 
 
-def run_select(lengths, out):
+def run_select(lengths, out, cfg, two_stage=True):
     hq, hkv, d, base = LLAMA
-    cfg = prism_flex.PrismConfig()
     rows = []
     for L in lengths:
         q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
@@ -107,18 +110,55 @@ def run_select(lengths, out):
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
         fused = lambda q=q, k=k: prism_flex.prism_block_mask(q, k, cfg)  # noqa: E731
-        two = lambda q=q, k=k: two_stage_mask(q, k, cfg)  # noqa: E731
-        two()
         row = dict(
             L=L, first_call_s=first, density=float(prism_flex.block_density(mask).mean()),
             ms=do_bench(fused), host_us=host_us(fused), graph_ms=graph_replay_ms(fused),
-            two_stage_ms=do_bench(two), two_stage_host_us=host_us(two),
         )
+        if two_stage:
+            two = lambda q=q, k=k: two_stage_mask(q, k, cfg)  # noqa: E731
+            two()
+            row.update(two_stage_ms=do_bench(two), two_stage_host_us=host_us(two))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del q, k, mask
         torch.cuda.empty_cache()
     out["select"] = rows
+
+
+def run_host(lengths, out, cfg):
+    """Host (issue) time per call of the selection's pieces: eager pooling, the compiled
+    graph alone (on pooled inputs), the BlockMask wrapper alone, and the whole call; with the
+    head-dim marks (``_lengths_only_dynamic``) and without them."""
+    from prism_flex.block_mask import block_mask_from_tables
+
+    hq, hkv, d, base = LLAMA
+    bs = cfg.block_size
+    temps = (cfg.high_temperature, cfg.low_temperature)
+    thrs = (cfg.high_threshold, cfg.low_threshold)
+    rows = []
+    for L in lengths:
+        q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+        prism_flex.prism_block_mask(q, k, cfg)
+        q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
+        marked = A._lengths_only_dynamic(q_pool, k_pool)
+        stage = A._compiled_stage("mask")
+        tables = stage(*marked, {}, L, L, cfg, *temps, *thrs)
+        fns = {
+            "whole_call": lambda: prism_flex.prism_block_mask(q, k, cfg),
+            "pool_q_and_k": lambda: (A.pool_blocks(q, bs), A.pool_blocks(k, bs)),
+            "marks": lambda: A._lengths_only_dynamic(q_pool, k_pool),
+            "compiled_marked": lambda: stage(*marked, {}, L, L, cfg, *temps, *thrs),
+            "compiled_unmarked": lambda: stage(q_pool, k_pool, {}, L, L, cfg, *temps, *thrs),
+            "block_mask_from_tables": lambda: block_mask_from_tables(*tables, 0, L, L, bs),
+            "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1) for _ in range(24)],
+        }
+        row = {"L": L}
+        for name, fn in fns.items():
+            fn()
+            row[name] = round(min(host_us(fn) for _ in range(5)), 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out["host"] = rows
 
 
 def run_kernel(L, out):
@@ -154,9 +194,8 @@ def run_kernel(L, out):
     out["kernel"] = rows
 
 
-def run_profile(lengths, out_dir):
+def run_profile(lengths, out_dir, cfg):
     hq, hkv, d, base = LLAMA
-    cfg = prism_flex.PrismConfig()
     for L in lengths:
         q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
         for _ in range(3):
@@ -171,7 +210,8 @@ def run_profile(lengths, out_dir):
         cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25,
                                         max_name_column_width=70)
         with open(os.path.join(out_dir, f"profile_select_{L // 1024}k.txt"), "w") as f:
-            f.write(f"# prism_block_mask, llama shape, L={L}, 5 calls\n## by CUDA time\n{table}\n"
+            f.write(f"# prism_block_mask, llama shape, L={L}, 5 calls, {prism_flex.__file__}, "
+                    f"{cfg}\n## by CUDA time\n{table}\n"
                     f"## by CPU time\n{cpu}\n")
         del q, k
 
@@ -267,17 +307,25 @@ def main():
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[1048576])
     p.add_argument("--parts", nargs="+", default=["select", "profile", "kernel"])
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="PrismConfig fields for the select and profile parts")
+    p.add_argument("--no-two-stage", action="store_true",
+                   help="select: skip the two-graph variant (e.g. when timing older code)")
     a = p.parse_args()
+    cfg = prism_config(a.config)
     os.makedirs(a.out_dir, exist_ok=True)
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "package": prism_flex.__file__,
+           "config": repr(cfg)}
     path = os.path.join(a.out_dir, "h200_tune.json")
     for part in a.parts:
         t0 = time.time()
         if part == "select":
-            run_select(a.lengths, out)
+            run_select(a.lengths, out, cfg, not a.no_two_stage)
+        elif part == "host":
+            run_host(a.lengths, out, cfg)
         elif part == "profile":
-            run_profile(a.profile_lengths, a.out_dir)
+            run_profile(a.profile_lengths, a.out_dir, cfg)
         elif part == "micro":
             for L in a.micro_lengths:
                 run_micro(L, out)
