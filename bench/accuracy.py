@@ -16,15 +16,15 @@ Tasks:
   ``keys``, ``correct`` and ``generated``.
 
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
-only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``);
-``prism_last`` is Prism with ``dense_final_blocks=1``, the library default (the last query
-block of each prefill attends to every earlier block). ``subpool_q32k32`` (and, for recall
+only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``,
+``final_block_pool=0``); ``prism_last`` is Prism with ``dense_final_blocks=1`` (the last query
+block of each prefill attends to every earlier block; the library default until 2026-11-30). ``subpool_q32k32`` (and, for recall
 only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
 keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes.
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
-``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``: the last query
-block also takes the top-p of a 16-token sub-block scoring, the cheap alternative to
-``prism_last``. Output JSON::
+``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
+default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
+cheap alternative to ``prism_last``. Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -86,8 +86,10 @@ def load_model(name: str, device: str):
 
 
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
-    # "prism" is the paper's method: no dense final block (the library default has one).
-    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0)
+    # "prism" is the paper's method: no extra final-block selection (the library default has
+    # final_block_pool=16).
+    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0,
+                      final_block_pool=0)
     if method == "prism":
         return cfg
     if method == "prism_nocal":
