@@ -192,9 +192,9 @@ def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
     if config.final_block_pool:
         probs = final_block_probs(scores["q_final"], scores["k_fine"], q_len, kv_len,
                                   config.block_size, config.final_block_pool)
-        # The larger threshold's top-p, written as the union of both (a superset property):
-        # no max() of the two float arguments, which a compiled graph would guard on.
-        fine = top_p_select(probs, high_thr) | top_p_select(probs, low_thr)
+        # The larger threshold's top-p: one sort. sym_max, not max(): compiled, the thresholds
+        # are symbolic inputs, and comparing them would add a guard (a recompile per order).
+        fine = top_p_select(probs, torch.sym_max(high_thr, low_thr))
         extra = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
     selected = combine_selection(
         high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
