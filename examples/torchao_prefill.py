@@ -27,6 +27,11 @@ costs about what it saves, and the perplexity moves a few percent (blocks are dr
 Int8 weight-only saves memory and helps memory-bound decoding, not a compute-bound prefill.
 The long-context case Prism is built for is the CUDA default, 32K tokens.
 
+Measured on the H200 at 32K tokens (eager, README): Prism 1.40x the dense prefill; float8
+made both the dense and the Prism prefill slower on this small model (0.72x, 0.83x).
+``--compile`` runs the decoder stack under ``torch.compile`` (every variant compiled afresh),
+so that torchao's quantisation fuses; it is slow to compile and was not measured on the GPU.
+
 Run from the repo root (it imports ``bench``, which is not part of the installed package):
 
     python -m examples.torchao_prefill                               # CPU, 2048 tokens
@@ -39,14 +44,15 @@ use (``python -m bench.models fetch qwen2.5-coder-0.5b``, ``python -m bench.text
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.attention import prism_config
 from bench.models import fetch
 from bench.texts import load_text
-from prism_flex import PrismConfig
 
 
 def quantise_linears(model, device: str) -> str:
@@ -83,11 +89,18 @@ def timed(fn, device: str):
 
 
 @torch.no_grad()
-def run_variant(model, ids, attn: str, device: str) -> tuple[float, float]:
-    """(prefill seconds, perplexity) of ``model`` on ``ids`` (1, L) with attention ``attn``."""
+def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
+                ) -> tuple[float, float]:
+    """(prefill seconds, perplexity) of ``model`` on ``ids`` (1, L) with attention ``attn``;
+    with ``compile_model``, the decoder stack runs under ``torch.compile`` (Prism then runs as
+    one opaque op inside the compiled graph, torchao's quantisation is fused)."""
     model.set_attn_implementation(attn)
-    prefill = lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
-    prefill()  # warm-up: compiles Prism's stages for this length, warms torchao kernels
+    decoder = model.model
+    if compile_model:
+        torch._dynamo.reset()  # a fresh compile per variant (attention and weights change)
+        decoder = torch.compile(decoder, dynamic=False)
+    prefill = lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
+    prefill()  # warm-up: compiles (Prism's stages, or the model), warms torchao kernels
     seconds, hidden = timed(prefill, device)
     hidden = hidden[0, :-1]  # position i predicts token i + 1
     targets, nll = ids[0, 1:], torch.zeros((), dtype=torch.float64, device=device)
@@ -103,6 +116,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=None, help="tokens (CPU 2048, CUDA 32768)")
     p.add_argument("--threshold", type=float, default=0.95, help="Prism top-p, both bands")
     p.add_argument("--text", default="austen:emma", help="bench.texts spec or a file path")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="other PrismConfig fields, e.g. final_block_pool=16")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder stack under torch.compile (every variant)")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
     device = args.device
     length = args.length or (32768 if device == "cuda" else 2048)
@@ -112,7 +130,7 @@ def main() -> None:
     # least 1024 tokens, so it is active at the CPU default of 2048 (16 query blocks of 128;
     # few blocks can be skipped there, and attention is a small part of a 2K prefill).
     from prism_flex.integrations.transformers import register  # needs transformers
-    cfg = PrismConfig(high_threshold=args.threshold, low_threshold=args.threshold)
+    cfg = prism_config(args.config, args.threshold)
     name = register(cfg, "prism")
 
     path = fetch("qwen2.5-coder-0.5b")
@@ -133,16 +151,29 @@ def main() -> None:
           f"of {args.text}; Prism thresholds {args.threshold}, dense_below {cfg.dense_below} "
           f"({'Prism sparse path active' if length >= cfg.dense_below else 'Prism runs DENSE'})")
     rows = [("dense (sdpa)", "sdpa"), ("prism", name)]
-    results = [(label, *run_variant(model, ids, attn, device)) for label, attn in rows]
+    results = [(label, *run_variant(model, ids, attn, device, args.compile))
+               for label, attn in rows]
     quant = quantise_linears(model, device)
     for label, attn in [("prism+torchao", name), ("dense+torchao", "sdpa")]:
-        results.append((label, *run_variant(model, ids, attn, device)))
+        results.append((label, *run_variant(model, ids, attn, device, args.compile)))
 
     print(f"torchao: {quant} (all linear layers but lm_head)")
     base = results[0][1]
     print(f"{'variant':<16}{'prefill s':>11}{'speed-up':>10}{'perplexity':>12}")
     for label, seconds, ppl in results:
         print(f"{label:<16}{seconds:>11.3f}{base / seconds:>9.2f}x{ppl:>12.4f}")
+    if args.out:
+        import torchao
+
+        meta = dict(device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+                    torch=torch.__version__, torchao=torchao.__version__,
+                    date=time.strftime("%Y-%m-%d"), length=length, text=args.text,
+                    dtype=str(dtype), torchao_config=quant, prism_config=repr(cfg),
+                    compiled_model=args.compile)
+        rows = [dict(variant=label, prefill_s=seconds, speedup_vs_dense=base / seconds,
+                     perplexity=ppl) for label, seconds, ppl in results]
+        with open(args.out, "w") as f:
+            json.dump(dict(meta, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
