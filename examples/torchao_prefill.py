@@ -55,6 +55,9 @@ from bench.models import fetch
 from bench.texts import load_text
 
 
+VARIANTS = ("dense", "prism", "prism+torchao", "dense+torchao")
+
+
 def quantise_linears(model, device: str) -> str:
     """Quantise the model's nn.Linear layers (except lm_head) in place with torchao."""
     try:  # lazy: torchao is optional for the rest of prism_flex
@@ -118,6 +121,9 @@ def main() -> None:
     p.add_argument("--text", default="austen:emma", help="bench.texts spec or a file path")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="other PrismConfig fields, e.g. final_block_pool=16")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="which prefills to run, in this order (quantisation is applied once, "
+                   "before the first +torchao variant)")
     p.add_argument("--compile", action="store_true",
                    help="run the decoder stack under torch.compile (every variant)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
@@ -150,31 +156,30 @@ def main() -> None:
           f"({torch.get_num_threads()} CPU threads), {length} tokens "
           f"of {args.text}; Prism thresholds {args.threshold}, dense_below {cfg.dense_below} "
           f"({'Prism sparse path active' if length >= cfg.dense_below else 'Prism runs DENSE'})")
-    rows = [("dense (sdpa)", "sdpa"), ("prism", name)]
-    results = [(label, *run_variant(model, ids, attn, device, args.compile))
-               for label, attn in rows]
-    quant = quantise_linears(model, device)
-    for label, attn in [("prism+torchao", name), ("dense+torchao", "sdpa")]:
-        results.append((label, *run_variant(model, ids, attn, device, args.compile)))
+    import torchao
 
-    print(f"torchao: {quant} (all linear layers but lm_head)")
-    base = results[0][1]
-    print(f"{'variant':<16}{'prefill s':>11}{'speed-up':>10}{'perplexity':>12}")
-    for label, seconds, ppl in results:
-        print(f"{label:<16}{seconds:>11.3f}{base / seconds:>9.2f}x{ppl:>12.4f}")
-    if args.out:
-        import torchao
+    meta = dict(device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+                torch=torch.__version__, torchao=torchao.__version__,
+                date=time.strftime("%Y-%m-%d"), length=length, text=args.text, dtype=str(dtype),
+                prism_config=repr(cfg), compiled_model=args.compile)
+    attn_of = {"dense": "sdpa", "prism": name, "prism+torchao": name, "dense+torchao": "sdpa"}
+    results = []
+    for variant in args.variants:
+        if variant.endswith("+torchao") and "torchao_config" not in meta:
+            meta["torchao_config"] = quantise_linears(model, device)  # in place, once
+            print(f"torchao: {meta['torchao_config']} (all linear layers but lm_head)")
+        seconds, ppl = run_variant(model, ids, attn_of[variant], device, args.compile)
+        results.append(dict(variant=variant, prefill_s=seconds, perplexity=ppl))
+        print(f"{variant:<16}{seconds:>11.3f} s  perplexity {ppl:.4f}", flush=True)
+        if args.out:  # after every variant: a time limit keeps what finished
+            with open(args.out, "w") as f:
+                json.dump(dict(meta, rows=results), f, indent=1)
 
-        meta = dict(device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
-                    torch=torch.__version__, torchao=torchao.__version__,
-                    date=time.strftime("%Y-%m-%d"), length=length, text=args.text,
-                    dtype=str(dtype), torchao_config=quant, prism_config=repr(cfg),
-                    compiled_model=args.compile)
-        rows = [dict(variant=label, prefill_s=seconds, speedup_vs_dense=base / seconds,
-                     perplexity=ppl) for label, seconds, ppl in results]
-        with open(args.out, "w") as f:
-            json.dump(dict(meta, rows=rows), f, indent=1)
-
+    base = next((r["prefill_s"] for r in results if r["variant"] == "dense"), None)
+    print(f"{'variant':<16}{'prefill s':>11}{'vs dense':>10}{'perplexity':>12}")
+    for r in results:
+        speed = f"{base / r['prefill_s']:>9.2f}x" if base else f"{'-':>10}"
+        print(f"{r['variant']:<16}{r['prefill_s']:>11.3f}{speed}{r['perplexity']:>12.4f}")
 
 if __name__ == "__main__":
     main()
