@@ -18,13 +18,16 @@ Tasks:
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
 only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``,
 ``final_block_pool=0``); ``prism_last`` is Prism with ``dense_final_blocks=1`` (the last query
-block of each prefill attends to every earlier block; the library default until 2026-11-30). ``subpool_q32k32`` (and, for recall
-only, ``subpool_q32``, ``subpool_q16``): :func:`bench.estimators.subpool_table`, queries /
-keys mean-pooled over 32 / 32 (32 / 128, 16 / 128) tokens, mean of per-sub-row softmaxes.
+block of each prefill attends to every earlier block; the library default until 2026-11-30).
+``subpool_q32k32`` (and, for recall only, ``subpool_q32``, ``subpool_q16``):
+:func:`bench.estimators.subpool_table`, queries / keys mean-pooled over 32 / 32 (32 / 128,
+16 / 128) tokens, mean of per-sub-row softmaxes.
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
 ``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
-cheap alternative to ``prism_last``. Output JSON::
+cheap alternative to ``prism_last``. ``meanvar`` and ``tcal``: the budget experiments of
+``bench.gap`` (:func:`bench.estimators.meanvar_table`, :func:`bench.estimators.tcal_table`).
+Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
      "threshold", "layer", ...}]}
@@ -60,7 +63,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast",
+    "prism_finelast", "meanvar", "tcal",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -113,6 +116,10 @@ def method_table(method, q, k, thr, bs, stride):
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
         return E.subpool_table(q, k, thr, bs, *SUBPOOL[method])
+    if method == "meanvar":
+        return E.meanvar_table(q, k, thr, bs)
+    if method == "tcal":
+        return E.tcal_table(q, k, thr, bs)
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -240,6 +247,11 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         q_sub, k_sub = SUBPOOL[method]
         E.register_table_method(name, E.make_table_attention_function(
             lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
+            bs, compiled=not args.eager))
+    elif method in ("meanvar", "tcal"):
+        table_fn = E.meanvar_table if method == "meanvar" else E.tcal_table
+        E.register_table_method(name, E.make_table_attention_function(
+            lambda q, k, scale: table_fn(q, k, thr, bs, scale=scale),
             bs, compiled=not args.eager))
     else:
         register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)

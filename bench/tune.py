@@ -150,7 +150,8 @@ def run_host(lengths, out, cfg):
             "compiled_marked": lambda: stage(*marked, {}, L, L, cfg, *temps, *thrs),
             "compiled_unmarked": lambda: stage(q_pool, k_pool, {}, L, L, cfg, *temps, *thrs),
             "block_mask_from_tables": lambda: block_mask_from_tables(*tables, 0, L, L, bs),
-            "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1) for _ in range(24)],
+            "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1)
+                                         for _ in range(24)],
         }
         row = {"L": L}
         for name, fn in fns.items():

@@ -147,3 +147,26 @@ def test_subpool_at_block_granularity_is_meanpool(lq, lkv):
     assert torch.equal(E.subpool_table(q, k, 0.8, BS, BS, BS), want)
     for q_sub, k_sub in [(4, 16), (8, 4), (4, 4)]:
         _check_table(E.subpool_table(q, k, 0.8, BS, q_sub, k_sub), lq, lkv)
+
+
+def test_block_moments_use_the_real_tokens_of_the_tail():
+    x = torch.randn(1, 2, 37, 8, dtype=torch.float64)
+    mean, var, count = E._block_moments(x, BS)
+    assert count.tolist() == [16, 16, 5]
+    tail = x[:, :, 32:].float()
+    torch.testing.assert_close(mean[:, :, 2], tail.mean(2))
+    torch.testing.assert_close(var[:, :, 2], tail.var(2, unbiased=False), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
+def test_budget_experiments_are_valid_tables(lq, lkv):
+    """meanvar and tcal (bench.gap's budget experiments): causal block distributions, and
+    tables with sink and diagonal."""
+    q, k = _qk(lq, lkv, seed=5)
+    allowed, _ = E.geometry(lq, lkv, BS, q.device)
+    probs = E.meanvar_block_probs(q, k, BS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    assert not (probs * ~allowed).any()
+    for t in (E.meanvar_table(q, k, 0.9, BS), E.tcal_table(q, k, 0.9, BS)):
+        assert t.shape == (1, 4, math.ceil(lq / BS), math.ceil(lkv / BS))
+        _check_table(t, lq, lkv)
