@@ -127,8 +127,9 @@ def method_table(method, q, k, thr, bs, stride):
 # recall
 
 
-def capture_qk(model, ids, layers):
-    """One dense forward (no lm_head) storing post-RoPE q/k of ``layers`` (None: all)."""
+def capture_qk(model, ids, layers, *, with_v: bool = False):
+    """One dense forward (no lm_head) storing post-RoPE q/k (and, ``with_v``, v as float32;
+    k and v not repeated for GQA) of ``layers`` (None: all)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -138,7 +139,10 @@ def capture_qk(model, ids, layers):
     def capture(module, query, key, value, attention_mask, **kwargs):
         idx = getattr(module, "layer_idx", None)
         if layers is None or idx in layers:
-            store[idx] = (query.detach().clone(), key.detach().clone())
+            if with_v:
+                store[idx] = tuple(t.detach().float().clone() for t in (query, key, value))
+            else:
+                store[idx] = (query.detach().clone(), key.detach().clone())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("capture", capture)

@@ -29,32 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import estimators as E
-from bench.accuracy import load_model, log, method_table
-
-
-def capture_qkv(model, ids, layers):
-    """One dense forward storing post-RoPE q, k and v (k, v not repeated) of ``layers``."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    store = {}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        if getattr(module, "layer_idx", None) in layers:
-            store[module.layer_idx] = tuple(t.detach().float().clone()
-                                            for t in (query, key, value))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("capture_qkv", capture)
-    AttentionMaskInterface.register("capture_qkv", sdpa_mask)
-    model.set_attn_implementation("capture_qkv")
-    try:
-        with torch.no_grad():
-            model.model(ids)
-    finally:
-        model.set_attn_implementation("sdpa")
-    return store
+from bench.accuracy import capture_qk, load_model, log, method_table
 
 
 def table_attention(q, k, v, table, bs):
@@ -124,7 +99,7 @@ def main(argv=None) -> None:
     tok, model = load_model(args.model, "cpu")
     ids = tok(load_text(args.text), return_tensors="pt").input_ids[:, : args.length]
     length, bs = ids.shape[1], args.block_size
-    store = capture_qkv(model, ids, set(args.layers))
+    store = capture_qk(model, ids, set(args.layers), with_v=True)
     rows = []
     for layer in sorted(store):
         t0 = time.time()

@@ -69,8 +69,8 @@ class PrismConfig:
             dilutes it, at ``(block_size / p) x (Lkv / p) x D`` products per head (1/256 of the
             row's exact ``Q Kᵀ`` at ``p = 16``). Must divide ``block_size``; ``0`` turns it
             off (with ``dense_final_blocks=0``: the method of the paper). Default 16, measured
-            on Qwen2.5-Coder-0.5B (README): pass keys 10/10 at 4K-32K tokens at thresholds 0.9
-            and 0.95 (plain Prism 8-9/10 at 8K-32K), block density +0.000-0.002 over plain
+            on Qwen2.5-Coder-0.5B (README): pass keys 10/10 at 4K-32K tokens at threshold 0.95
+            (and at 8K-32K at 0.9; plain Prism 8-9/10 at 8K-32K), block density +0.000-0.002 over plain
             Prism, perplexity equal to plain Prism's (43.44 at 32K, 0.95); selection time on
             the H200 (Llama shape) +0.12 ms GPU at 32K, +0.33 ms at 128K.
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
@@ -80,7 +80,8 @@ class PrismConfig:
             x query blocks x key blocks) materialised at once; longer inputs are scored in
             chunks of query blocks, which bounds the scoring memory: ~65-80 bytes per score
             (H200, Llama shape at 1M tokens: 3.9 / 2.1 / 1.2 GiB for 2**26 / 2**25 / 2**24,
-            the last 6 % slower; bench/results/h200_tune.json). The default 2**25 still scores
+            the last 6 % slower, without ``final_block_pool``, which adds ~0.16 GiB;
+            bench/results/h200_tune.json, h200_attention.json). The default 2**25 still scores
             Llama-8B's 32 heads at 128K tokens in one piece (one compiled graph, no chunks).
     """
 
