@@ -25,8 +25,9 @@ block of each prefill attends to every earlier block; the library default until 
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
 ``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
-cheap alternative to ``prism_last``. ``meanvar`` and ``tcal``: the budget experiments of
-``bench.gap`` (:func:`bench.estimators.meanvar_table`, :func:`bench.estimators.tcal_table`).
+cheap alternative to ``prism_last``. ``meanvar``, ``tcal`` and ``pcal``: the budget
+experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
+:func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`).
 Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
@@ -63,7 +64,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal",
+    "prism_finelast", "meanvar", "tcal", "pcal",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -120,6 +121,8 @@ def method_table(method, q, k, thr, bs, stride):
         return E.meanvar_table(q, k, thr, bs)
     if method == "tcal":
         return E.tcal_table(q, k, thr, bs)
+    if method == "pcal":
+        return E.pcal_table(q, k, thr, bs)
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -252,8 +255,8 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         E.register_table_method(name, E.make_table_attention_function(
             lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
             bs, compiled=not args.eager))
-    elif method in ("meanvar", "tcal"):
-        table_fn = E.meanvar_table if method == "meanvar" else E.tcal_table
+    elif method in ("meanvar", "tcal", "pcal"):
+        table_fn = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}[method]
         E.register_table_method(name, E.make_table_attention_function(
             lambda q, k, scale: table_fn(q, k, thr, bs, scale=scale),
             bs, compiled=not args.eager))

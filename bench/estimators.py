@@ -318,7 +318,8 @@ def meanvar_block_probs(q: Tensor, k: Tensor, block_size: int = 128, *,
     exponentials, which grows with the spread of the dot products inside the pair. Treating
     the tokens of a block as independent with the block's mean and per-dim variance (``v``)
     gives ``log Σ exp(s q·k) ≈ s q̄·k̄ + log n_k
-    + (s²/2) Σ_d (q̄_d² v_k,d + k̄_d² v_q,d + v_q,d v_k,d)`` (the log-normal approximation; ``n_k`` the key block's token count), still one
+    + (s²/2) Σ_d (q̄_d² v_k,d + k̄_d² v_q,d + v_q,d v_k,d)`` (the log-normal approximation;
+    ``n_k`` the key block's token count), still one
     block-level matmul (over 4D features). No band split, no calibration: the estimate is of
     the true mass at the true scale. Returns float32 ``(B, Hq, Nq, Nk)``, causal, rows sum to 1.
     """
@@ -403,6 +404,47 @@ def tcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 1
     ``(B, Hq, Nq, Nk)``."""
     probs = tcal_block_probs(q, k, threshold, block_size, scale=scale)
     return finalize(top_p_select(probs, threshold), q.shape[2], k.shape[2], block_size)
+
+
+def pcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, *,
+               scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
+    """Prism's own two-band selection with a per-head threshold fitted to the true mass.
+
+    The band probabilities are Prism's (paper method, calibrated); the top-p threshold of
+    each (batch, head), the same in both bands, is the smallest on a grid (0.5-0.999) for
+    which the selection of ``sample_rows`` evenly spaced query blocks (from Nq/4 to the last,
+    with sink and diagonal) keeps on average at least ``threshold`` of their exact attention
+    mass. The budget fit of :func:`tcal_block_probs` without changing the distributions'
+    shapes. Bool ``(B, Hq, Nq, Nk)``.
+    """
+    from prism_flex.attention import score_inputs
+    from prism_flex.scoring import band_logits, block_softmax
+
+    bs = block_size
+    q_len, kv_len = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    cfg = PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0)
+    sc = score_inputs(q, k, cfg)
+    allowed, diagonal = geometry(q_len, kv_len, bs, q.device)
+    probs = [block_softmax(band_logits(sc[f"q_{b}"], sc[f"k_{b}"], sc[f"div_{b}"]), allowed)
+             for b in ("high", "low")]
+    forced = diagonal.clone()
+    forced[:, 0] = True
+    forced &= allowed
+    nq = _num_blocks(q_len, bs)
+    rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
+    true = _sampled_row_mass(q, k, rows, bs, scale)  # (B, H, R, Nk)
+    grid = 1.0 - torch.logspace(math.log10(0.5), math.log10(0.001), 40, device=q.device)
+    t = grid[:, None]  # (T, 1): broadcast against (B, H, R, T, Nk) rows
+    sel = forced[rows][:, None, :].clone()
+    for p in probs:
+        sel = sel | top_p_select(p[:, :, rows, None, :].expand(-1, -1, -1, len(grid), -1), t)
+    kept = (true[:, :, :, None, :] * sel).sum(-1).mean(2)  # (B, H, T)
+    ok = kept >= threshold
+    thr = grid[torch.where(ok.any(-1), ok.int().argmax(-1), len(grid) - 1)]  # (B, H)
+    selected = top_p_select(probs[0], thr[..., None, None]) | top_p_select(
+        probs[1], thr[..., None, None])
+    return finalize(selected, q_len, kv_len, bs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,13 +160,14 @@ def test_block_moments_use_the_real_tokens_of_the_tail():
 
 @pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
 def test_budget_experiments_are_valid_tables(lq, lkv):
-    """meanvar and tcal (bench.gap's budget experiments): causal block distributions, and
+    """meanvar, tcal and pcal (bench.gap's budget experiments): causal block distributions, and
     tables with sink and diagonal."""
     q, k = _qk(lq, lkv, seed=5)
     allowed, _ = E.geometry(lq, lkv, BS, q.device)
     probs = E.meanvar_block_probs(q, k, BS)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
     assert not (probs * ~allowed).any()
-    for t in (E.meanvar_table(q, k, 0.9, BS), E.tcal_table(q, k, 0.9, BS)):
+    for t in (E.meanvar_table(q, k, 0.9, BS), E.tcal_table(q, k, 0.9, BS),
+              E.pcal_table(q, k, 0.9, BS)):
         assert t.shape == (1, 4, math.ceil(lq / BS), math.ceil(lkv / BS))
         _check_table(t, lq, lkv)
