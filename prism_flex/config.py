@@ -70,9 +70,9 @@ class PrismConfig:
             row's exact ``Q Kᵀ`` at ``p = 16``). Must divide ``block_size``; ``0`` turns it
             off (with ``dense_final_blocks=0``: the method of the paper). Default 16, measured
             on Qwen2.5-Coder-0.5B (README): pass keys 10/10 at 4K-32K tokens at threshold 0.95
-            (and at 8K-32K at 0.9; plain Prism 8-9/10 at 8K-32K), block density +0.000-0.002 over plain
-            Prism, perplexity equal to plain Prism's (43.44 at 32K, 0.95); selection time on
-            the H200 (Llama shape) +0.12 ms GPU at 32K, +0.33 ms at 128K.
+            (and at 8K-32K at 0.9; plain Prism 8-9/10 at 8K-32K), block density +0.000-0.002
+            over plain Prism, perplexity equal to plain Prism's (43.44 at 32K, 0.95);
+            selection time on the H200 (Llama shape) +0.12 ms GPU at 32K, +0.33 ms at 128K.
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prompts), where selection cannot pay for itself. ``0`` never falls back.
