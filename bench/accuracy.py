@@ -25,9 +25,10 @@ block of each prefill attends to every earlier block; the library default until 
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
 ``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
-cheap alternative to ``prism_last``. ``meanvar``, ``tcal`` and ``pcal``: the budget
-experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
-:func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`).
+cheap alternative to ``prism_last``. ``meanvar``, ``tcal``, ``pcal`` and ``ecal``: the
+budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
+:func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
+:func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
 Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",
@@ -64,7 +65,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal", "pcal",
+    "prism_finelast", "meanvar", "tcal", "pcal", "ecal",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -112,7 +113,7 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
 SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
 
 
-def method_table(method, q, k, thr, bs, stride):
+def method_table(method, q, k, thr, bs, stride, v=None):
     if method == "xattn":
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
@@ -123,6 +124,10 @@ def method_table(method, q, k, thr, bs, stride):
         return E.tcal_table(q, k, thr, bs)
     if method == "pcal":
         return E.pcal_table(q, k, thr, bs)
+    if method == "ecal":
+        if v is None:
+            raise SystemExit("ecal needs V: run it for ppl, needle or bench.gap, not recall")
+        return E.ecal_table(q, k, v, thr, bs)
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -228,7 +233,7 @@ def _with_density(fn, densities, table_fn, bs, dense_below=1024, dense_layers=()
                 densities.append(1.0)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if query.shape[2] >= dense_below:
-            t = table_fn(query.detach(), key.detach())
+            t = table_fn(query.detach(), key.detach(), value.detach())
             densities.append(float(E.density(t, query.shape[2], key.shape[2], bs).mean()))
         return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -255,6 +260,11 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         E.register_table_method(name, E.make_table_attention_function(
             lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
             bs, compiled=not args.eager))
+    elif method == "ecal":
+        table_fn = lambda q, k, scale, v: E.ecal_table(q, k, v, thr, bs, scale=scale)  # noqa: E731
+        table_fn.needs_v = True
+        E.register_table_method(name, E.make_table_attention_function(
+            table_fn, bs, compiled=not args.eager))
     elif method in ("meanvar", "tcal", "pcal"):
         table_fn = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}[method]
         E.register_table_method(name, E.make_table_attention_function(
@@ -264,7 +274,7 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]
     wrapped = _with_density(
-        fn, densities, lambda q, k: method_table(method, q, k, thr, bs, args.stride), bs,
+        fn, densities, lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v), bs,
         dense_layers=(0,) if method == "prism_l0dense" else ())
     AttentionInterface.register(name, wrapped)
     return name

@@ -406,6 +406,33 @@ def tcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 1
     return finalize(top_p_select(probs, threshold), q.shape[2], k.shape[2], block_size)
 
 
+def _prism_band_fit_inputs(q: Tensor, k: Tensor, bs: int, sample_rows: int):
+    """What the per-head budget fits share: Prism's two band probabilities (paper method,
+    calibrated), ``[(B, Hq, Nq, Nk)] * 2``; the forced blocks (sink, diagonal), bool
+    ``(Nq, Nk)``; and ``sample_rows`` evenly spaced query blocks from Nq/4 to the last."""
+    from prism_flex.attention import score_inputs
+    from prism_flex.scoring import band_logits, block_softmax
+
+    q_len, kv_len = q.shape[2], k.shape[2]
+    sc = score_inputs(q, k, PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0))
+    allowed, diagonal = geometry(q_len, kv_len, bs, q.device)
+    probs = [block_softmax(band_logits(sc[f"q_{b}"], sc[f"k_{b}"], sc[f"div_{b}"]), allowed)
+             for b in ("high", "low")]
+    forced = diagonal.clone()
+    forced[:, 0] = True
+    forced &= allowed
+    nq = _num_blocks(q_len, bs)
+    rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
+    return probs, forced, rows
+
+
+def _select_at_head_thresholds(probs, ok: Tensor, grid: Tensor, q_len, kv_len, bs) -> Tensor:
+    """Both bands' top-p at, per (batch, head), the first grid threshold where ``ok``
+    ``(B, H, T)`` holds (the last one if none), with sink and diagonal."""
+    thr = grid[torch.where(ok.any(-1), ok.int().argmax(-1), len(grid) - 1)][..., None, None]
+    return finalize(top_p_select(probs[0], thr) | top_p_select(probs[1], thr), q_len, kv_len, bs)
+
+
 def pcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, *,
                scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
     """Prism's own two-band selection with a per-head threshold fitted to the true mass.
@@ -417,22 +444,9 @@ def pcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 1
     mass. The budget fit of :func:`tcal_block_probs` without changing the distributions'
     shapes. Bool ``(B, Hq, Nq, Nk)``.
     """
-    from prism_flex.attention import score_inputs
-    from prism_flex.scoring import band_logits, block_softmax
-
     bs = block_size
-    q_len, kv_len = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    cfg = PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0)
-    sc = score_inputs(q, k, cfg)
-    allowed, diagonal = geometry(q_len, kv_len, bs, q.device)
-    probs = [block_softmax(band_logits(sc[f"q_{b}"], sc[f"k_{b}"], sc[f"div_{b}"]), allowed)
-             for b in ("high", "low")]
-    forced = diagonal.clone()
-    forced[:, 0] = True
-    forced &= allowed
-    nq = _num_blocks(q_len, bs)
-    rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
+    probs, forced, rows = _prism_band_fit_inputs(q, k, bs, sample_rows)
     true = _sampled_row_mass(q, k, rows, bs, scale)  # (B, H, R, Nk)
     grid = 1.0 - torch.logspace(math.log10(0.5), math.log10(0.001), 40, device=q.device)
     t = grid[:, None]  # (T, 1): broadcast against (B, H, R, T, Nk) rows
@@ -440,11 +454,65 @@ def pcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 1
     for p in probs:
         sel = sel | top_p_select(p[:, :, rows, None, :].expand(-1, -1, -1, len(grid), -1), t)
     kept = (true[:, :, :, None, :] * sel).sum(-1).mean(2)  # (B, H, T)
-    ok = kept >= threshold
-    thr = grid[torch.where(ok.any(-1), ok.int().argmax(-1), len(grid) - 1)]  # (B, H)
-    selected = top_p_select(probs[0], thr[..., None, None]) | top_p_select(
-        probs[1], thr[..., None, None])
-    return finalize(selected, q_len, kv_len, bs)
+    return _select_at_head_thresholds(probs, kept >= threshold, grid, q.shape[2], k.shape[2], bs)
+
+
+def _sampled_row_partials(q, k, v, rows, bs, scale):
+    """Per sampled query block ``r`` and key block ``J``: ``S[i, J] = Σ_j exp(l_ij - m_i)`` and
+    ``W[i, J] = Σ_j exp(l_ij - m_i) v_j`` over the causally visible keys ``j`` of ``J`` (token
+    level, ``m_i`` the row max), so that attention restricted to any set of key blocks is
+    ``Σ_J∈set W / Σ_J∈set S``. Returns ``S (B, Hq, n, Nk)``, ``W (B, Hq, n, Nk, D)`` with ``n``
+    the sampled queries (``len(rows) x bs`` at most), float32."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    nk = _num_blocks(kv_len, bs)
+    groups = q.shape[1] // k.shape[1]
+    vb = F.pad(v.float().repeat_interleave(groups, 1), (0, 0, 0, nk * bs - kv_len))
+    vb = vb.unflatten(2, (nk, bs))  # (B, Hq, Nk, bs, D)
+    keys = torch.arange(kv_len, device=q.device)
+    s_all, w_all = [], []
+    for r in rows.tolist():
+        t0, t1 = r * bs, min(q_len, (r + 1) * bs)
+        logits = _gqa_matmul(q[:, :, t0:t1].float(), k.float()) * scale
+        qpos = torch.arange(t0, t1, device=q.device) + kv_len - q_len
+        logits = logits.masked_fill(keys[None, :] > qpos[:, None], float("-inf"))
+        e = torch.exp(logits - logits.amax(-1, keepdim=True))
+        e = F.pad(e, (0, nk * bs - kv_len)).unflatten(-1, (nk, bs))  # (B, H, n, Nk, bs)
+        s_all.append(e.sum(-1))
+        w_all.append(torch.einsum("bhnkt,bhktd->bhnkd", e, vb))
+    return torch.cat(s_all, 2), torch.cat(w_all, 2)
+
+
+def ecal_table(q: Tensor, k: Tensor, v: Tensor, threshold: float = 0.9, block_size: int = 128,
+               *, scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
+    """Prism's two-band selection with a per-head threshold fitted to the attention output.
+
+    As :func:`pcal_table`, but the per-head top-p threshold (the same in both bands) is the
+    smallest on a grid (0.5-0.999) for which the sampled query blocks' attention output over
+    the selected blocks is within a relative error ``1 - threshold`` of the exact output
+    (the knob keeps the name and range of a threshold: 0.9 allows 10 % error). V-aware: a
+    head whose dropped blocks carry values close to the output can stop early. Bool
+    ``(B, Hq, Nq, Nk)``.
+    """
+    bs = block_size
+    q_len = q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    probs, forced, rows = _prism_band_fit_inputs(q, k, bs, sample_rows)
+    s_part, w_part = _sampled_row_partials(q, k, v, rows, bs, scale)
+    exact = w_part.sum(3) / s_part.sum(3)[..., None]  # (B, H, n, D)
+    # each sampled query token's block row
+    tokens = torch.cat([torch.full((min(q_len, (r + 1) * bs) - r * bs,), i)
+                        for i, r in enumerate(rows.tolist())])
+    grid = torch.tensor([0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999])
+    errs = []
+    for t in grid.tolist():
+        sel = forced[rows].clone()
+        for p in probs:
+            sel = sel | top_p_select(p[:, :, rows], t)  # (B, H, R, Nk)
+        m = sel[:, :, tokens].float()  # (B, H, n, Nk)
+        out = (w_part * m[..., None]).sum(3) / (s_part * m).sum(3)[..., None]
+        errs.append((out - exact).flatten(2).norm(dim=-1) / exact.flatten(2).norm(dim=-1))
+    ok = torch.stack(errs, -1) <= 1.0 - threshold  # (B, H, T)
+    return _select_at_head_thresholds(probs, ok, grid, q_len, k.shape[2], bs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +608,8 @@ def make_table_attention_function(
         if q.shape[2] < dense_below:
             out = dense_causal_attention(q, k, v, scale=scaling)
         else:
-            table = table_fn(q, k, scaling)
+            table = table_fn(q, k, scaling, v) if getattr(table_fn, "needs_v", False) else \
+                table_fn(q, k, scaling)
             mask = table_to_block_mask(table, q.shape[2], k.shape[2], block_size)
             out = sparse_attention(q, k, v, mask, scale=scaling, compiled=compiled)
         return out.transpose(1, 2).contiguous(), None

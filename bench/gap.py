@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         q, k, v = store[layer]
         mass = E.block_mass(q, k, bs)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        tables = {m: method_table(m, q, k, args.threshold, bs, args.stride)
+        tables = {m: method_table(m, q, k, args.threshold, bs, args.stride, v)
                   for m in args.methods}
         if args.swap and {"prism", "xattn"} <= set(tables):
             # ranking vs budget: each ranking at the other estimator's per-row block counts

@@ -160,14 +160,32 @@ def test_block_moments_use_the_real_tokens_of_the_tail():
 
 @pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
 def test_budget_experiments_are_valid_tables(lq, lkv):
-    """meanvar, tcal and pcal (bench.gap's budget experiments): causal block distributions, and
-    tables with sink and diagonal."""
+    """meanvar, tcal, pcal and ecal (bench.gap's budget experiments): causal block
+    distributions, and tables with sink and diagonal."""
     q, k = _qk(lq, lkv, seed=5)
     allowed, _ = E.geometry(lq, lkv, BS, q.device)
     probs = E.meanvar_block_probs(q, k, BS)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
     assert not (probs * ~allowed).any()
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(6))
     for t in (E.meanvar_table(q, k, 0.9, BS), E.tcal_table(q, k, 0.9, BS),
-              E.pcal_table(q, k, 0.9, BS)):
+              E.pcal_table(q, k, 0.9, BS), E.ecal_table(q, k, v, 0.9, BS)):
         assert t.shape == (1, 4, math.ceil(lq / BS), math.ceil(lkv / BS))
         _check_table(t, lq, lkv)
+
+
+@pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
+def test_sampled_row_partials_give_the_exact_attention(lq, lkv):
+    """ecal's per-key-block partial sums: all blocks together are exact causal attention of
+    the sampled query blocks (bottom-right aligned)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k = _qk(lq, lkv, seed=7)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(8))
+    rows = torch.tensor([1, math.ceil(lq / BS) - 1])
+    s, w = E._sampled_row_partials(q, k, v, rows, BS, q.shape[-1] ** -0.5)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lkv),
+                                         enable_gqa=True)
+    idx = torch.cat([torch.arange(r * BS, min(lq, (r + 1) * BS)) for r in rows.tolist()])
+    torch.testing.assert_close(w.sum(3) / s.sum(3)[..., None], ref[:, :, idx])
