@@ -111,6 +111,8 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
 
 
 SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
+# bench.gap's budget experiments that need only q and k (ecal also takes v)
+BUDGET = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}
 
 
 def method_table(method, q, k, thr, bs, stride, v=None):
@@ -118,12 +120,8 @@ def method_table(method, q, k, thr, bs, stride, v=None):
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
         return E.subpool_table(q, k, thr, bs, *SUBPOOL[method])
-    if method == "meanvar":
-        return E.meanvar_table(q, k, thr, bs)
-    if method == "tcal":
-        return E.tcal_table(q, k, thr, bs)
-    if method == "pcal":
-        return E.pcal_table(q, k, thr, bs)
+    if method in BUDGET:
+        return BUDGET[method](q, k, thr, bs)
     if method == "ecal":
         if v is None:
             raise SystemExit("ecal needs V: run it for ppl, needle or bench.gap, not recall")
@@ -265,10 +263,9 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         table_fn.needs_v = True
         E.register_table_method(name, E.make_table_attention_function(
             table_fn, bs, compiled=not args.eager))
-    elif method in ("meanvar", "tcal", "pcal"):
-        table_fn = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}[method]
+    elif method in BUDGET:
         E.register_table_method(name, E.make_table_attention_function(
-            lambda q, k, scale: table_fn(q, k, thr, bs, scale=scale),
+            lambda q, k, scale: BUDGET[method](q, k, thr, bs, scale=scale),
             bs, compiled=not args.eager))
     else:
         register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)

@@ -76,6 +76,15 @@ def geometry(q_len: int, kv_len: int, bs: int, device) -> tuple[Tensor, Tensor]:
     return causal_block_geometry(0, nq, nk, q_len, kv_len, bs, device)
 
 
+def forced_blocks(q_len: int, kv_len: int, bs: int, device) -> tuple[Tensor, Tensor]:
+    """``(allowed, forced)``: bool ``(Nq, Nk)``, the causally visible blocks and, among them,
+    the ones every table keeps (sink and diagonal)."""
+    allowed, diagonal = geometry(q_len, kv_len, bs, device)
+    forced = diagonal.clone()
+    forced[:, 0] = True
+    return allowed, forced & allowed
+
+
 def finalize(selected: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
     """``selected`` ∪ sink ∪ diagonal, restricted to the causally visible blocks."""
     allowed, diagonal = geometry(q_len, kv_len, bs, selected.device)
@@ -379,11 +388,8 @@ def tcal_block_probs(q: Tensor, k: Tensor, threshold: float, block_size: int = 1
     q_len, kv_len = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     nq = _num_blocks(q_len, bs)
-    logits = _gqa_matmul(_block_moments(q, bs)[0], _block_moments(k, bs)[0]) * scale
-    allowed, diagonal = geometry(q_len, kv_len, bs, q.device)
-    forced = diagonal.clone()
-    forced[:, 0] = True
-    forced &= allowed
+    logits = _gqa_matmul(pool_blocks(q, bs), pool_blocks(k, bs)) * scale
+    allowed, forced = forced_blocks(q_len, kv_len, bs, q.device)
     rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
     true = _sampled_row_mass(q, k, rows, bs, scale)  # (B, H, R, Nk)
     grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 49, device=q.device))
@@ -415,12 +421,9 @@ def _prism_band_fit_inputs(q: Tensor, k: Tensor, bs: int, sample_rows: int):
 
     q_len, kv_len = q.shape[2], k.shape[2]
     sc = score_inputs(q, k, PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0))
-    allowed, diagonal = geometry(q_len, kv_len, bs, q.device)
+    allowed, forced = forced_blocks(q_len, kv_len, bs, q.device)
     probs = [block_softmax(band_logits(sc[f"q_{b}"], sc[f"k_{b}"], sc[f"div_{b}"]), allowed)
              for b in ("high", "low")]
-    forced = diagonal.clone()
-    forced[:, 0] = True
-    forced &= allowed
     nq = _num_blocks(q_len, bs)
     rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
     return probs, forced, rows
@@ -557,10 +560,7 @@ def oracle_table(mass: Tensor, reference: Tensor, q_len: int, kv_len: int, bs: i
     tokens, so the choice maximises the recall) are added, chosen globally over all rows of the
     head, until the table has as many blocks as ``reference`` has there. Bool ``(B, H, Nq, Nk)``.
     """
-    allowed, diagonal = geometry(q_len, kv_len, bs, mass.device)
-    forced = diagonal.clone()
-    forced[:, 0] = True
-    forced &= allowed
+    allowed, forced = forced_blocks(q_len, kv_len, bs, mass.device)
     counts = (reference.bool() & allowed).sum((-2, -1))  # (B, H)
     score = mass.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
     flat = score.flatten(-2)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from bench import estimators as E
 from bench.accuracy import capture_qk, load_model, log, method_table
+from prism_flex.scoring import pool_blocks
 
 
 def table_attention(q, k, v, table, bs):
@@ -48,10 +49,7 @@ def rank_at_row_counts(score, reference, length, bs):
     """Per block row: the sink and diagonal, then the blocks with the largest ``score``, as
     many as ``reference`` has in that row. Separates an estimator's ranking of the key blocks
     from its budget (how many blocks each row gets). Bool ``(B, H, Nq, Nk)``."""
-    allowed, diagonal = E.geometry(length, length, bs, score.device)
-    forced = diagonal.clone()
-    forced[:, 0] = True
-    forced &= allowed
+    allowed, forced = E.forced_blocks(length, length, bs, score.device)
     counts = (reference.bool() & allowed).sum(-1, keepdim=True)
     s = score.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
@@ -110,7 +108,7 @@ def main(argv=None) -> None:
                   for m in args.methods}
         if args.swap and {"prism", "xattn"} <= set(tables):
             # ranking vs budget: each ranking at the other estimator's per-row block counts
-            mean_logits = E._gqa_matmul(E._block_moments(q, bs)[0], E._block_moments(k, bs)[0])
+            mean_logits = E._gqa_matmul(pool_blocks(q, bs), pool_blocks(k, bs))
             xattn_probs = E.xattn_block_probs(q, k, bs, args.stride)
             for name, score, ref in (("meanrank@xattn", mean_logits, "xattn"),
                                      ("xattnrank@prism", xattn_probs, "prism"),

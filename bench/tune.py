@@ -126,8 +126,8 @@ def run_select(lengths, out, cfg, two_stage=True):
 
 
 def run_host(lengths, out, cfg):
-    """Host (issue) time per call of the selection's pieces: eager pooling, the compiled
-    graph alone (on pooled inputs), the BlockMask wrapper alone, and the whole call; with the
+    """Host (issue) time per call of the selection's pieces: eager pooling, the final-block
+    inputs (``final_block_pool``), the compiled graph alone (on pooled inputs), the BlockMask wrapper alone, and the whole call; with the
     head-dim marks (``_lengths_only_dynamic``) and without them."""
     from prism_flex.block_mask import block_mask_from_tables
 
@@ -141,14 +141,20 @@ def run_host(lengths, out, cfg):
         prism_flex.prism_block_mask(q, k, cfg)
         q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
         marked = A._lengths_only_dynamic(q_pool, k_pool)
+        nq = (L + bs - 1) // bs
+        fine = lambda: (A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool)  # noqa: E731
+                        if cfg.final_block_pool else {})
+        fine_inputs = fine()
         stage = A._compiled_stage("mask")
-        tables = stage(*marked, {}, L, L, cfg, *temps, *thrs)
+        tables = stage(*marked, fine_inputs, L, L, cfg, *temps, *thrs)
         fns = {
             "whole_call": lambda: prism_flex.prism_block_mask(q, k, cfg),
             "pool_q_and_k": lambda: (A.pool_blocks(q, bs), A.pool_blocks(k, bs)),
+            "final_block_inputs": fine,
             "marks": lambda: A._lengths_only_dynamic(q_pool, k_pool),
-            "compiled_marked": lambda: stage(*marked, {}, L, L, cfg, *temps, *thrs),
-            "compiled_unmarked": lambda: stage(q_pool, k_pool, {}, L, L, cfg, *temps, *thrs),
+            "compiled_marked": lambda: stage(*marked, fine_inputs, L, L, cfg, *temps, *thrs),
+            "compiled_unmarked": lambda: stage(q_pool, k_pool, fine_inputs, L, L, cfg, *temps,
+                                               *thrs),
             "block_mask_from_tables": lambda: block_mask_from_tables(*tables, 0, L, L, bs),
             "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1)
                                          for _ in range(24)],
