@@ -9,6 +9,10 @@ nothing and never touches CUDA):
   tables, in one graph, when all query blocks are scored at once;
 - when the scores would exceed ``config.max_score_elements``: ``_score_inputs`` (bands and
   temperatures, once per call), then ``_select_tables`` (the rest) per chunk of query blocks;
+- with ``config.output_error`` (``fit.py``): ``_score_inputs``; ``_fit_inputs`` (the sampled
+  rows at every candidate threshold, buckets, pieces, tables); the fit's ``flex_attention``
+  (compiled on CUDA, eager elsewhere: only the CUDA kernel returns the log-sum-exp);
+  ``fitted_thresholds``; then ``_select_tables`` with per-head threshold tensors;
 - ``flex_attention`` itself.
 
 All are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
@@ -21,15 +25,16 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from . import graph_op
+from . import fit, graph_op
 from .block_mask import block_mask_from_tables, compact_blocks, run_tables, with_table_mask_mod
 from .config import PrismConfig
 from .scoring import (
@@ -37,10 +42,10 @@ from .scoring import (
     band_logits,
     band_temperature,
     block_softmax,
-    causal_block_geometry,
     diagonal_range,
     final_block_probs,
     pool_blocks,
+    rows_block_geometry,
 )
 from .selection import combine_selection, top_p_select
 
@@ -163,19 +168,29 @@ def select_blocks(
     Returns:
         ``(selected, allowed, diagonal)``: bool ``(B, Hq, R, Nk)``, ``(R, Nk)``, ``(R, Nk)``.
     """
+    rows = torch.arange(num_rows, device=scores["q_high"].device) + row_start
     return _select_blocks(
-        scores, row_start, num_rows, q_len, kv_len, config,
-        config.high_threshold, config.low_threshold,
+        scores, rows, q_len, kv_len, config, config.high_threshold, config.low_threshold,
+        _fine_threshold(config),
     )
 
 
-def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr):
-    q_high = scores["q_high"][:, :, row_start : row_start + num_rows]
-    q_low = scores["q_low"][:, :, row_start : row_start + num_rows]
+def _fine_threshold(config: PrismConfig) -> float:
+    """The top-p threshold of ``final_block_pool``'s row: the larger band threshold (also
+    with ``output_error``: the fitted thresholds are the bands', this row keeps its own)."""
+    return float(max(config.high_threshold, config.low_threshold))
+
+
+def _select_blocks(scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_thr):
+    """:func:`select_blocks` of query blocks ``rows`` (int64 ``(R,)``, any order and
+    repeats: the threshold fit scores a few rows at several thresholds at once). The band
+    thresholds are floats, or float32 tensors broadcastable to ``(B, Hq, R, 1)``; ``fine_thr``
+    (``final_block_pool``'s row) a float. Floats travel as arguments, not config attributes:
+    compiled, they are then inputs, not constants (no recompile per value)."""
+    q_high = scores["q_high"].index_select(2, rows)
+    q_low = scores["q_low"].index_select(2, rows)
     nk = scores["k_high"].shape[2]
-    allowed, diagonal = causal_block_geometry(
-        row_start, num_rows, nk, q_len, kv_len, config.block_size, q_high.device
-    )
+    allowed, diagonal = rows_block_geometry(rows, nk, q_len, kv_len, config.block_size)
     high = top_p_select(
         block_softmax(band_logits(q_high, scores["k_high"], scores["div_high"]), allowed),
         high_thr,
@@ -185,16 +200,13 @@ def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
         low_thr,
     )
     nq = (q_len + config.block_size - 1) // config.block_size
-    rows = torch.arange(num_rows, device=q_high.device) + row_start
     dense_rows = extra = None
     if config.dense_final_blocks:
         dense_rows = rows >= nq - config.dense_final_blocks
     if config.final_block_pool:
         probs = final_block_probs(scores["q_final"], scores["k_fine"], q_len, kv_len,
                                   config.block_size, config.final_block_pool)
-        # The larger threshold's top-p: one sort. sym_max, not max(): compiled, the thresholds
-        # are symbolic inputs, and comparing them would add a guard (a recompile per order).
-        fine = top_p_select(probs, torch.sym_max(high_thr, low_thr))
+        fine = top_p_select(probs, fine_thr)
         extra = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
     selected = combine_selection(
         high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
@@ -203,10 +215,12 @@ def _select_blocks(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
     return selected, allowed, diagonal
 
 
-def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr):
+def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr,
+                   fine_thr):
     """Selection followed by compaction into partial (diagonal) and full index tables."""
+    rows = torch.arange(num_rows, device=scores["q_high"].device) + row_start
     selected, allowed, diagonal = _select_blocks(
-        scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr
+        scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_thr
     )
     if config.force_diagonal:
         # The partial blocks are exactly the diagonal: written from its range directly.
@@ -223,19 +237,26 @@ def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr,
 
 
 def _mask_tables(q_pool, k_pool, fine, q_len, kv_len, config, high_temperature,
-                 low_temperature, high_thr, low_thr):
+                 low_temperature, high_thr, low_thr, fine_thr):
     """Scoring and selection of all query blocks in one graph (the unchunked case): one
     compiled call instead of two, which matters at short lengths where host time dominates.
     ``fine``: the finer pooled tensors of ``config.final_block_pool`` (empty when off)."""
     scores = _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature)
     scores.update(fine)
-    return _select_tables(scores, 0, q_pool.shape[2], q_len, kv_len, config, high_thr, low_thr)
+    return _select_tables(scores, 0, q_pool.shape[2], q_len, kv_len, config, high_thr, low_thr,
+                          fine_thr)
+
+
+def _fit_inputs(scores, q, grid, q_len, kv_len, config, fine_thr):
+    return fit.fit_inputs(_select_blocks, scores, q, grid, q_len, kv_len, config, fine_thr)
 
 
 _STAGES = {
     "score": _score_inputs,
     "tables": _select_tables,
     "mask": _mask_tables,
+    "fit": _fit_inputs,
+    "fitted": fit.fitted_thresholds,
     "flex": flex_attention,
 }
 
@@ -257,13 +278,17 @@ def _compiled_stage(name: str):
 
 @torch.no_grad()
 def prism_block_mask(
-    q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *, compiled: bool = True
+    q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *,
+    v: Optional[Tensor] = None, scale: Optional[float] = None, compiled: bool = True,
 ) -> BlockMask:
     """The Prism ``BlockMask`` of a causal attention.
 
     Args:
         q: ``(B, Hq, Lq, D)`` after RoPE; k: ``(B, Hkv, Lkv, D)`` after RoPE; ``Lq <= Lkv``.
         config: selection settings.
+        v: ``(B, Hkv, Lkv, D)``; needed (only) with ``config.output_error``, whose threshold
+            fit measures attention outputs.
+        scale: the attention's softmax scale, default ``1 / sqrt(D)`` (the fit's outputs).
         compiled: run the scoring through ``torch.compile`` (``False``: eager, for debugging
             and tests).
     Returns:
@@ -271,7 +296,12 @@ def prism_block_mask(
         config.block_size``, ``seq_lengths = (Lq, Lkv)``: the diagonal blocks are partial
         (token-level bottom-right causal ``mask_mod``), the other selected blocks full.
     """
-    check_inputs(q, k)
+    if config.output_error is not None and v is None:
+        raise ValueError(
+            "PrismConfig.output_error fits the thresholds to attention outputs: pass v= to "
+            "prism_block_mask (prism_attention and PrismAttention do)"
+        )
+    check_inputs(q, k, v)
     config.band_dims(q.shape[-1])
     bs = config.block_size
     batch, hq, q_len, _ = q.shape
@@ -279,28 +309,34 @@ def prism_block_mask(
     nq = (q_len + bs - 1) // bs
     nk = (kv_len + bs - 1) // bs
     temperatures = (config.high_temperature, config.low_temperature)
-    thresholds = (config.high_threshold, config.low_threshold)
+    thresholds = (config.high_threshold, config.low_threshold, _fine_threshold(config))
     rows = max(1, config.max_score_elements // (batch * hq * nk))
     # Pooling runs eagerly in every mode (see pool_blocks: faster than its compiled form).
     q_pool, k_pool = _lengths_only_dynamic(pool_blocks(q, bs), pool_blocks(k, bs))
     fine = {}
     if config.final_block_pool:
         fine = _final_block_inputs(q, k, nq, bs, config.final_block_pool)
-    if nq <= rows:
+    if config.output_error is None and nq <= rows:
         tables = _stage("mask", compiled)(
             q_pool, k_pool, fine, q_len, kv_len, config, *temperatures, *thresholds
         )
     else:
         scores = _stage("score", compiled)(q_pool, k_pool, config, *temperatures)
         scores = dict(zip(scores, _lengths_only_dynamic(*scores.values())), **fine)
+        if config.output_error is not None:
+            thr = _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled)
+            thresholds = (thr[:, :, None, None],) * 2 + thresholds[2:]
         tables_fn = _stage("tables", compiled)
-        # Score the query blocks in chunks: memory O(rows * Nk) per head instead of O(Nq * Nk).
-        tables = _empty_tables(batch, hq, nq, nk, q.device)
-        for start in range(0, nq, rows):
-            n = min(rows, nq - start)
-            chunk = tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)
-            for dst, src in zip(tables, chunk):
-                dst[:, :, start : start + n].copy_(src)
+        if nq <= rows:
+            tables = tables_fn(scores, 0, nq, q_len, kv_len, config, *thresholds)
+        else:
+            # Score the query blocks in chunks: memory O(rows * Nk) per head, not O(Nq * Nk).
+            tables = _empty_tables(batch, hq, nq, nk, q.device)
+            for start in range(0, nq, rows):
+                n = min(rows, nq - start)
+                chunk = tables_fn(scores, start, n, q_len, kv_len, config, *thresholds)
+                for dst, src in zip(tables, chunk):
+                    dst[:, :, start : start + n].copy_(src)
     # (B, Hq, Nq) and (B, Hq, Nq, Nk): only the head count is a constant.
     tables = _lengths_only_dynamic(*tables, head_dim=False)
     offset = kv_len - q_len
@@ -310,6 +346,43 @@ def prism_block_mask(
         # capture a symbolic size, which its kernel templates cannot take (torch 2.11).
         offset = torch.full((), offset, dtype=torch.int32, device=q.device)
     return block_mask_from_tables(*tables, offset, q_len, kv_len, bs)
+
+
+def _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled) -> Tensor:
+    """The fitted top-p threshold of each (batch, head), float32 ``(B, Hq)`` (``fit.py``)."""
+    grid = _fit_grid(q.device)
+    q_fit, piece_of, piece_bucket, num, idx, key_pos = _stage("fit", compiled)(
+        scores, *_lengths_only_dynamic(q), grid, q_len, kv_len, config, _fine_threshold(config)
+    )
+    # Compiled FlexAttention returns the log-sum-exp on CUDA only (not the CPU template).
+    eager = not compiled or q.device.type != "cuda" or torch.compiler.is_compiling()
+    mask = fit.fit_block_mask(piece_of, num, idx, key_pos, kv_len, config, for_eager=eager)
+    options = None
+    if not eager:
+        m = config.fit_tokens
+        # The query tile must divide the mask's query blocks of m rows.
+        tile = 64 if m % 64 == 0 else (32 if m % 32 == 0 else 16)
+        options = dict(_kernel_options(q.device) or {}, BLOCK_M=tile)
+        q_fit, k, v = _lengths_only_dynamic(q_fit, k, v)
+        torch._dynamo.mark_static(q_fit, 2)  # S * P * m rows: a constant of the config
+    flex = _STAGES["flex"] if eager else _compiled_stage("flex")
+    with warnings.catch_warnings():
+        # Eager by design where the compiled kernel has no log-sum-exp (CPU): its "unfused
+        # implementation" warning is noise. Its scores take (S * P * m) x Lkv per head.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        out, aux = flex(q_fit, k, v, block_mask=mask, scale=scale,
+                        enable_gqa=q.shape[1] != k.shape[1], kernel_options=options,
+                        return_aux=AuxRequest(lse=True))
+    return _stage("fitted", compiled)(out, aux.lse, piece_bucket, grid, config.fit_tokens,
+                                      float(config.output_error))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_grid(device: torch.device) -> Tensor:
+    """:data:`~prism_flex.fit.FIT_THRESHOLDS` on ``device``, made once per device: built in
+    the compiled graph, it was copied from the host at every call, and that copy waited for
+    the GPU (3-9 ms of host time per call on the H200)."""
+    return torch.tensor(fit.FIT_THRESHOLDS, dtype=torch.float32, device=device)
 
 
 def _lengths_only_dynamic(*tensors: Tensor, head_dim: bool = True) -> tuple[Tensor, ...]:
@@ -490,7 +563,7 @@ def prism_attention(
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
         return out
-    mask = prism_block_mask(q, k, config, compiled=compiled)
+    mask = prism_block_mask(q, k, config, v=v, scale=scale, compiled=compiled)
     out = sparse_attention(q, k, v, mask, scale=scale, compiled=compiled)
     if return_density:
         return out, block_density(mask)

@@ -73,6 +73,29 @@ class PrismConfig:
             (and at 8K-32K at 0.9; plain Prism 8-9/10 at 8K-32K), block density +0.000-0.002
             over plain Prism, perplexity equal to plain Prism's (43.44 at 32K, 0.95);
             selection time on the H200 (Llama shape) +0.12 ms GPU at 32K, +0.33 ms at 128K.
+        output_error: ``None`` (default): the top-p thresholds are ``high_threshold`` and
+            ``low_threshold``. A number in ``(0, 1]``: they are fitted per (batch, head)
+            instead, from the attention itself: the threshold of both bands is the smallest
+            of ``prism_flex.fit.FIT_THRESHOLDS``
+            for which the attention output of a few sampled query tokens over the blocks it
+            selects is within this relative error (Frobenius norm) of their exact output;
+            ``high_threshold`` and ``low_threshold`` then only set ``final_block_pool``'s row
+            (their maximum, as without the fit). Needs ``v``. Why:
+            how many blocks a row needs is what a fixed top-p gets wrong per head (the
+            calibrated block softmax is sharper or flatter than the true block distribution
+            by a head-dependent amount), not which ones (bench/NOTES.md). Cost: the exact
+            attention of ``fit_query_blocks x fit_tokens`` queries per head, in one
+            FlexAttention call (``prism_flex/fit.py``). Measured (README, H200): on
+            Qwen2.5-Coder-0.5B at 32K tokens, ``0.1`` gives perplexity 44.13 at density 0.166
+            (default Prism at threshold 0.9: 45.38 at 0.165; the XAttention-style estimator
+            44.21 at 0.174), pass keys 10/10 at 8K and 32K but 9/10 at 16K; selection time
+            (Llama shape) +1.2-3.7 ms GPU and ~+3 ms host per call at 8K-128K. Off by
+            default for those two reasons.
+        fit_query_blocks: query blocks sampled by the fit, evenly spaced from a quarter of
+            the query blocks to the last one (``output_error`` only).
+        fit_tokens: query tokens per sampled block, evenly spaced in it; a multiple of 16
+            (the kernel's smallest query tile), at most ``block_size`` (checked when
+            ``output_error`` is set).
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prompts), where selection cannot pay for itself. ``0`` never falls back.
@@ -97,6 +120,9 @@ class PrismConfig:
     force_diagonal: bool = True
     dense_final_blocks: int = 0
     final_block_pool: int = 16
+    output_error: Optional[float] = None
+    fit_query_blocks: int = 4
+    fit_tokens: int = 32
     rope_layout: str = "half"
     dense_below: int = 1024
     max_score_elements: int = 1 << 25
@@ -138,6 +164,26 @@ class PrismConfig:
             raise ValueError(
                 f"PrismConfig.final_block_pool must be 0 or an int dividing block_size "
                 f"({self.block_size}), got {self.final_block_pool!r}"
+            )
+        if self.output_error is not None and (
+                not _is_real(self.output_error) or not (0.0 < self.output_error <= 1.0)):
+            raise ValueError(
+                f"PrismConfig.output_error must be None or a number in (0, 1], got "
+                f"{self.output_error!r}"
+            )
+        if not _is_int(self.fit_query_blocks) or self.fit_query_blocks < 1:
+            raise ValueError(
+                f"PrismConfig.fit_query_blocks must be an int >= 1, got {self.fit_query_blocks!r}"
+            )
+        if not _is_int(self.fit_tokens) or self.fit_tokens < 16 or self.fit_tokens % 16:
+            raise ValueError(
+                f"PrismConfig.fit_tokens must be a multiple of 16, >= 16, got {self.fit_tokens!r}"
+            )
+        # Only with the fit on: the default (32) stays valid for small blocks when it is off.
+        if self.output_error is not None and self.fit_tokens > self.block_size:
+            raise ValueError(
+                f"PrismConfig.fit_tokens ({self.fit_tokens}) must not exceed block_size "
+                f"({self.block_size}) when output_error is set"
             )
         if not _is_int(self.dense_below) or self.dense_below < 0:
             raise ValueError(

@@ -22,6 +22,8 @@ __all__ = [
     "band_logits",
     "diagonal_range",
     "causal_block_geometry",
+    "rows_diagonal_range",
+    "rows_block_geometry",
     "block_softmax",
     "final_block_probs",
 ]
@@ -136,12 +138,17 @@ def diagonal_range(row_start, num_rows, q_len, kv_len, block_size: int, device):
     Returns:
         ``(first, last)``: int64 ``(num_rows,)`` each; ``last - first`` is 0 or 1.
     """
+    rows = torch.arange(num_rows, device=device) + row_start
+    return rows_diagonal_range(rows, q_len, kv_len, block_size)
+
+
+def rows_diagonal_range(rows: Tensor, q_len, kv_len, block_size: int):
+    """:func:`diagonal_range` of any query blocks, ``rows``: int64 ``(R,)``."""
     # Query block r spans absolute positions r * bs + offset .. min((r + 1) * bs, Lq) - 1 +
     # offset; the divisions by the block size are done once, on the (host-side) scalars:
     # per element, inductor would recompute them inside every kernel that reads the causal
     # geometry, and int64 division is slow on the GPU.
     offset = kv_len - q_len
-    rows = torch.arange(num_rows, device=device) + row_start
     first = rows + offset // block_size
     last = torch.clamp(rows + (offset + block_size - 1) // block_size,
                        max=(kv_len - 1) // block_size)
@@ -163,8 +170,15 @@ def causal_block_geometry(
         ``(allowed, diagonal)``: bool ``(num_rows, num_kv_blocks)`` each; ``diagonal`` is a
         subset of ``allowed``.
     """
-    first, last = diagonal_range(row_start, num_rows, q_len, kv_len, block_size, device)
-    cols = torch.arange(num_kv_blocks, device=device)
+    rows = torch.arange(num_rows, device=device) + row_start
+    return rows_block_geometry(rows, num_kv_blocks, q_len, kv_len, block_size)
+
+
+def rows_block_geometry(rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int
+                        ) -> tuple[Tensor, Tensor]:
+    """:func:`causal_block_geometry` of any query blocks, ``rows``: int64 ``(R,)``."""
+    first, last = rows_diagonal_range(rows, q_len, kv_len, block_size)
+    cols = torch.arange(num_kv_blocks, device=rows.device)
     allowed = cols[None, :] <= last[:, None]
     diagonal = allowed & (cols[None, :] >= first[:, None])
     return allowed, diagonal

@@ -168,8 +168,9 @@ def final_block_probs(q, k, config: PrismConfig) -> torch.Tensor:
     return out
 
 
-def selection(q, k, config: PrismConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final selected blocks ``(B, Hq, Nq, Nk)`` and each row's decision margin ``(B, Hq, Nq)``."""
+def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final selected blocks ``(B, Hq, Nq, Nk)`` and each row's decision margin ``(B, Hq, Nq)``.
+    ``fine_threshold``: top-p of ``final_block_pool``'s row, default the larger band one."""
     bp = band_probs(q, k, config)
     fine = final_block_probs(q, k, config) if config.final_block_pool else None
     allowed, diagonal = bp["allowed"], bp["diagonal"]
@@ -187,7 +188,7 @@ def selection(q, k, config: PrismConfig) -> tuple[torch.Tensor, torch.Tensor]:
                     chosen |= kept
                     margin[bi, h, i] = min(margin[bi, h, i], m)
                 if fine is not None and i == nq - 1:
-                    thr = max(config.high_threshold, config.low_threshold)
+                    thr = fine_threshold or max(config.high_threshold, config.low_threshold)
                     kept, m = top_p_row(fine[bi, h].tolist(), thr)
                     chosen |= kept
                     margin[bi, h, i] = min(margin[bi, h, i], m)
@@ -224,3 +225,82 @@ def attention(q, k, v, block_table, block_size: int, scale=None, dtype=torch.flo
             p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             out[bi, h] = p @ v[bi, kh].to(dtype)
     return out
+
+
+def fit_rows(nq: int, samples: int) -> list[int]:
+    """The fit's sampled query blocks: ``samples`` evenly spaced from ``nq // 4`` to
+    ``nq - 1``, rounded half up."""
+    if samples == 1:
+        return [nq - 1]
+    first = nq // 4
+    return [first + math.floor(i * (nq - 1 - first) / (samples - 1) + 0.5) for i in range(samples)]
+
+
+def fit_tokens(row: int, q_len: int, block_size: int, tokens: int) -> list[int]:
+    """Sampled query tokens of a block: the centres of ``tokens`` equal segments of it."""
+    start = row * block_size
+    length = min(block_size, q_len - start)
+    return [start + math.floor((i + 0.5) * length / tokens) for i in range(tokens)]
+
+
+def fitted_selection(q, k, v, config: PrismConfig, scale=None):
+    """Selection with ``config.output_error``: per (batch, head), the smallest candidate
+    threshold (``prism_flex.fit.FIT_THRESHOLDS``, both bands; ``final_block_pool``'s row at
+    the larger configured threshold) whose selection keeps the sampled
+    tokens' attention output within relative error ``output_error`` (Frobenius norm over the
+    sampled tokens and dims) of their exact output; then that threshold's selection.
+
+    Returns ``(table (B, Hq, Nq, Nk), margin (B, Hq, Nq), thresholds (B, Hq))``; the margin of
+    a head also covers its fit: how close any candidate's squared error ratio is to the
+    budget, and the top-p margins of the sampled rows at every candidate.
+    """
+    from dataclasses import replace
+
+    from prism_flex.fit import FIT_THRESHOLDS
+
+    bs = config.block_size
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nq = num_blocks(lq, bs)
+    plain = replace(config, output_error=None)
+    # final_block_pool's row keeps the configured threshold: only the bands' is fitted
+    fine = max(config.high_threshold, config.low_threshold)
+    tables = [selection(q, k, replace(plain, high_threshold=t, low_threshold=t), fine)
+              for t in FIT_THRESHOLDS]
+    tokens = [(r, t) for r in fit_rows(nq, config.fit_query_blocks)
+              for t in fit_tokens(r, lq, bs, config.fit_tokens)]
+    table = torch.zeros_like(tables[0][0])
+    margin = torch.zeros_like(tables[0][1])
+    thresholds = torch.zeros(b, hq, dtype=torch.float64)
+    budget = config.output_error**2
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            errs, refs = [], 0.0
+            for c in range(len(FIT_THRESHOLDS)):
+                err = 0.0
+                for r, t in tokens:
+                    pos = t + lkv - lq
+                    logits = (q[bi, h, t].double() @ k[bi, kh, : pos + 1].double().T) * scale
+                    exact = torch.softmax(logits, 0) @ v[bi, kh, : pos + 1].double()
+                    keep = tables[c][0][bi, h, r].repeat_interleave(bs)[: pos + 1]
+                    approx = torch.zeros(d, dtype=torch.float64)
+                    if keep.any():
+                        p = torch.softmax(logits.masked_fill(~keep, -math.inf), 0)
+                        approx = p @ v[bi, kh, : pos + 1].double()
+                    err += float((approx - exact).square().sum())
+                    if c == 0:
+                        refs += float(exact.square().sum())
+                errs.append(err)
+            chosen = next(c for c, e in enumerate(errs) if e <= budget * refs)
+            thresholds[bi, h] = FIT_THRESHOLDS[chosen]
+            table[bi, h] = tables[chosen][0][bi, h]
+            # Only the candidates up to the chosen one decide: a flip at a later one (its
+            # error crossing the budget, or a sampled row's top-p there) changes nothing.
+            fit_margin = min(abs(e - budget * refs) / max(refs, 1e-300)
+                             for e in errs[: chosen + 1])
+            sampled = min(float(tables[c][1][bi, h, r]) for c in range(chosen + 1)
+                          for r, _ in tokens)
+            margin[bi, h] = torch.clamp(tables[chosen][1][bi, h], max=min(fit_margin, sampled))
+    return table, margin, thresholds

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
 
 from . import reference as ref
-from .conftest import assert_tables_equal, structured_qkv
+from .conftest import assert_clear_rows_equal, assert_tables_equal, structured_qkv
 
 # The finer final-block scoring on (instead of the dense final block) so that the compiled
 # path of that option is covered without compiling one more graph.
@@ -60,14 +60,34 @@ def test_chunked_scoring_equals_one_shot():
         assert getattr(chunked, name).shape == getattr(one, name).shape
 
 
+FIT = dataclasses.replace(CFG, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
+
+
+@given(p=compiled_problems())
+def test_threshold_fit_compiled_equals_eager(p):
+    """The fit on the compiled path: CPU runs its FlexAttention eagerly (the compiled CPU
+    kernel returns no log-sum-exp), the rest compiled."""
+    *shape, seed = p
+    if shape[0] != 1:  # one shape class: each compiles four more graphs
+        return
+    q, k, v = structured_qkv(*shape, seed=seed)
+    compiled = prism_block_mask(q, k, FIT, v=v).to_dense().bool()
+    eager = prism_block_mask(q, k, FIT, v=v, compiled=False).to_dense().bool()
+    _, margin, _ = ref.fitted_selection(q, k, v, FIT)
+    assert_clear_rows_equal(compiled, eager, margin)
+
+
 def test_no_recompilation_across_lengths():
     """After warm-up, a sweep over 8 lengths (multiples of the block size or not, Lq <= Lkv,
-    configs with different thresholds, either one the larger) compiles nothing new."""
+    configs with different thresholds, either one the larger, and the threshold fit at two
+    error budgets) compiles nothing new."""
     counters = torch._dynamo.utils.counters
     configs = [CFG, dataclasses.replace(CFG, high_threshold=0.5, low_threshold=0.9),
-               dataclasses.replace(CFG, high_threshold=0.9, low_threshold=0.5)]
+               dataclasses.replace(CFG, high_threshold=0.9, low_threshold=0.5),
+               FIT, dataclasses.replace(FIT, output_error=0.3)]
     for lq, lkv in [(600, 600), (700, 1000)]:  # warm-up: equal and unequal lengths
-        prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), CFG)
+        for cfg in (CFG, FIT):
+            prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), cfg)
     before = counters["stats"]["unique_graphs"]
     for lq, lkv in [(384, 384), (500, 500), (777, 900), (1024, 1024), (1025, 1300),
                     (1500, 1500), (1800, 2047), (2048, 2048)]:

@@ -41,11 +41,22 @@ def test_explicit_band_dims():
         ("dense_below", -1), ("dense_below", 1.0),
         ("max_score_elements", 0), ("dense_final_blocks", -1), ("dense_final_blocks", 1.0),
         ("final_block_pool", -1), ("final_block_pool", 48), ("final_block_pool", 16.0),
+        ("output_error", 0.0), ("output_error", 1.5), ("output_error", "0.1"),
+        ("output_error", float("nan")), ("output_error", True),
+        ("fit_query_blocks", 0), ("fit_query_blocks", 2.0),
+        ("fit_tokens", 0), ("fit_tokens", 24), ("fit_tokens", 32.0),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PrismConfig(**{field: value})
+
+
+def test_fit_tokens_above_block_size_only_rejected_with_the_fit_on():
+    assert PrismConfig(block_size=16).fit_tokens == 32  # the default, unused: fine
+    with pytest.raises(ValueError, match="fit_tokens"):
+        PrismConfig(block_size=16, output_error=0.1)
+    PrismConfig(block_size=16, output_error=0.1, fit_tokens=16)
 
 
 @pytest.mark.parametrize("head_dim", [0, 7, 3])

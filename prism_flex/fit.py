@@ -1,0 +1,188 @@
+"""Per-head top-p thresholds fitted to the attention output (``PrismConfig.output_error``).
+
+Why: a fixed top-p threshold over the calibrated block softmax decides how many key blocks a
+row keeps from how sharp that softmax is, and that sharpness is off by a head-dependent
+amount; at equal density it is this per-row budget, not the ranking of the blocks, that
+separates Prism from token-level estimators (bench/NOTES.md). The fit measures instead: for a
+few sampled query tokens of each (batch, head) it computes the exact attention output and the
+output over the blocks that each candidate threshold would select, and keeps the smallest
+candidate whose relative error is within ``output_error``. V-aware: a head whose dropped
+blocks carry values close to its output stops early.
+
+How, in one FlexAttention call. The candidates (:data:`FIT_THRESHOLDS`) are nested: a higher
+threshold selects a superset (top-p is a prefix of the sorted blocks; the sink, diagonal and
+final-row extras do not depend on it). So each visible key block of a sampled query block has
+a *bucket*, the first candidate that selects it. The sampled queries are repeated once per
+bucket, each copy attending only to its bucket's key blocks (a ``BlockMask`` whose query
+blocks are ``fit_tokens`` rows), with the log-sum-exp returned; prefix sums over the buckets
+then give the output at every candidate, and the sum over all of them is the exact output
+(the last candidate, 1.0, selects every visible block). Each key block is read once per
+sampled query block: the cost is the exact attention of ``fit_query_blocks x fit_tokens``
+queries per head, and memory is O(those queries x candidates x D).
+
+Functions, compiled by :mod:`prism_flex.attention`: :func:`fit_inputs` (buckets, index tables,
+repeated queries) and :func:`fitted_thresholds` (errors and choice); :func:`fit_block_mask`
+wraps the tables, and the attention between them is ``flex_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .block_mask import compact_blocks
+
+__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs", "fit_block_mask",
+           "fitted_thresholds"]
+
+#: Candidate top-p thresholds, ascending. The last is 1.0 (every visible block, zero error),
+#: so every head has a candidate within any ``output_error``.
+FIT_THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+#: Pieces per sampled block beyond one per candidate (see :func:`fit_inputs`).
+FIT_SPLIT = 16
+
+
+def fit_rows(num_q_blocks, samples: int, device) -> Tensor:
+    """The sampled query blocks: ``samples`` evenly spaced from ``Nq // 4`` to ``Nq - 1``
+    (rounded half up; repeats when there are fewer blocks than samples). The first quarter
+    is skipped: its rows see few blocks, and a budget fitted there says little about the
+    long rows that dominate the cost and the error. int64 ``(samples,)``."""
+    first = num_q_blocks // 4
+    if samples == 1:
+        return torch.full((1,), num_q_blocks - 1, dtype=torch.int64, device=device)
+    steps = torch.arange(samples, device=device) * (2 * (num_q_blocks - 1 - first))
+    return first + (steps + (samples - 1)) // (2 * (samples - 1))
+
+
+def fit_positions(rows: Tensor, q_len, block_size: int, tokens: int) -> Tensor:
+    """The sampled query tokens of each sampled block: the centres of ``tokens`` equal
+    segments of the block (repeats when a last, partial block is shorter). int64
+    ``(S, tokens)``, positions in the query (0-based)."""
+    start = rows * block_size
+    length = torch.clamp(q_len - start, max=block_size)  # (S,)
+    i = torch.arange(tokens, device=rows.device)
+    return start[:, None] + ((2 * i[None, :] + 1) * length[:, None]) // (2 * tokens)
+
+
+def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, config,
+               fine_thr: float):
+    """Buckets, pieces, index tables and repeated queries of the fit.
+
+    A bucket can hold most of a row's key blocks (those only the last candidates select);
+    as one query block of the fit's attention, its blocks would run one after another in a
+    single thread block (3.4 ms at 128K tokens on the H200, 10x the FLOP floor). So each
+    bucket's blocks are cut, in key order, into *pieces* of at most ``ceil(Nk / FIT_SPLIT)``
+    blocks, one query block per piece: at most ``T + FIT_SPLIT`` pieces per sampled block,
+    a constant (the sum over buckets of ``ceil(count / size)``).
+
+    Args:
+        select: ``attention._select_blocks`` (passed in: that module imports this one).
+        scores: :func:`prism_flex.attention.score_inputs` of the call.
+        q: ``(B, Hq, Lq, D)``; grid: float32 ``(T,)``, :data:`FIT_THRESHOLDS` on q's device
+            (an input, not built here: a host-to-device copy would wait for the GPU).
+        fine_thr: the top-p threshold of ``final_block_pool``'s row (not fitted).
+    Returns:
+        ``(q_fit, piece_of, piece_bucket, num, idx, key_pos)``: ``q_fit`` ``(B, Hq, S * P * m,
+        D)``, the sampled queries repeated per piece (query block ``s * P + p`` holds the
+        ``m`` sampled tokens of sampled block ``s``, for piece ``p``); ``piece_of`` int32
+        ``(B, Hq, S, Nk)``, each key block's piece (``P`` where not visible);
+        ``piece_bucket`` int32 ``(B, Hq, S, P)``, each piece's bucket, the first candidate
+        selecting its blocks (``T`` for unused pieces); ``num`` int32 ``(B, Hq, S * P)`` and
+        ``idx`` int32 ``(B, Hq, S * P, Nk)``, the key blocks of each piece; ``key_pos`` int32
+        ``(S * P * m,)``, each query row's absolute position (causal mask). ``S =
+        config.fit_query_blocks``, ``T = len(FIT_THRESHOLDS)``, ``P = T + FIT_SPLIT``, ``m =
+        config.fit_tokens``.
+    """
+    bs, samples, m = config.block_size, config.fit_query_blocks, config.fit_tokens
+    t_count = len(FIT_THRESHOLDS)
+    n_pieces = t_count + FIT_SPLIT
+    device = q.device
+    nq = (q_len + bs - 1) // bs
+    nk = scores["k_high"].shape[2]
+    rows = fit_rows(nq, samples, device)
+    # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
+    thr = grid.repeat(samples)[:, None]
+    selected, _, _ = select(scores, rows.repeat_interleave(t_count), q_len, kv_len, config,
+                            thr, thr, fine_thr)
+    count = selected.unflatten(2, (samples, t_count)).sum(3, dtype=torch.int32)
+    bucket = t_count - count  # nested selections: first candidate = T - how many select it
+    in_bucket = bucket[:, :, :, None, :] == torch.arange(t_count, device=device)[:, None]
+    size = (nk + FIT_SPLIT - 1) // FIT_SPLIT
+    pieces = (in_bucket.sum(-1, dtype=torch.int32) + (size - 1)) // size  # (B, H, S, T)
+    end = torch.cumsum(pieces, -1, dtype=torch.int32)
+    rank = torch.cumsum(in_bucket, -1, dtype=torch.int32) - 1  # rank in its bucket, key order
+    piece = (end - pieces)[..., None] + rank // size  # (B, H, S, T, Nk)
+    piece_of = torch.where(in_bucket, piece, 0).sum(3, dtype=torch.int32)
+    piece_of = torch.where(bucket < t_count, piece_of, n_pieces)
+    cols = torch.arange(n_pieces, device=device)
+    # piece p lies in the bucket t with end[t - 1] <= p < end[t]: count the ends <= p
+    piece_bucket = (end[:, :, :, None, :] <= cols[:, None]).sum(-1, dtype=torch.int32)
+    member = piece_of[:, :, :, None, :] == cols[:, None]  # (B, H, S, P, Nk)
+    num, idx = compact_blocks(member.flatten(2, 3))
+    pos = fit_positions(rows, q_len, bs, m)  # (S, m)
+    q_fit = q[:, :, pos.flatten()].unflatten(2, (samples, 1, m))
+    q_fit = q_fit.expand(-1, -1, -1, n_pieces, -1, -1).flatten(2, 4)
+    key_pos = (pos + (kv_len - q_len))[:, None, :].expand(-1, n_pieces, -1).flatten()
+    return q_fit, piece_of, piece_bucket, num, idx, key_pos.to(torch.int32)
+
+
+def fit_block_mask(piece_of: Tensor, num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int,
+                   config, *, for_eager: bool) -> BlockMask:
+    """The ``BlockMask`` of the fit's attention: query block ``s * P + p`` sees the key
+    blocks of piece ``p`` of sampled block ``s``, token-level causal inside them.
+
+    ``for_eager``: eager FlexAttention ignores the block lists and evaluates ``mask_mod`` on
+    every pair, so the piece is then looked up there too; compiled, the lists already
+    restrict it and the ``mask_mod`` is only causal.
+    """
+    m, n_pieces = config.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
+
+    def causal(b, h, q_idx, kv_idx):
+        return key_pos[q_idx] >= kv_idx
+
+    def in_piece(b, h, q_idx, kv_idx):
+        block = q_idx // m
+        same = piece_of[b, h, block // n_pieces, kv_idx // config.block_size] == block % n_pieces
+        return same & causal(b, h, q_idx, kv_idx)
+
+    return BlockMask.from_kv_blocks(
+        num, idx, BLOCK_SIZE=(m, config.block_size), mask_mod=in_piece if for_eager else causal,
+        seq_lengths=(key_pos.shape[0], kv_len), compute_q_blocks=False,
+    )
+
+
+def fitted_thresholds(out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor,
+                      tokens: int, output_error) -> Tensor:
+    """Per (batch, head), the smallest candidate whose output error is within
+    ``output_error``.
+
+    Args:
+        out: ``(B, Hq, S * P * m, D)``, the fit's attention output per piece; lse:
+            ``(B, Hq, S * P * m)``, its natural log-sum-exp (``-inf`` where a row saw no key);
+            piece_bucket, grid: from :func:`fit_inputs`.
+    Returns:
+        float32 ``(B, Hq)``, values of ``grid``.
+    """
+    samples, n_pieces = piece_bucket.shape[2], piece_bucket.shape[3]
+    t_count = grid.shape[0]
+    o = out.float().unflatten(2, (samples, n_pieces, tokens))  # (B, H, S, P, m, D)
+    lse = lse.float().unflatten(2, (samples, n_pieces, tokens))  # (B, H, S, P, m)
+    # Finite: the piece of a token's own block holds at least the token itself.
+    top = lse.amax(3, keepdim=True)
+    w = torch.exp(lse - top)  # each piece's softmax mass, relative; 0 for empty ones
+    onehot = (piece_bucket[..., None] == torch.arange(t_count, device=out.device)).float()
+    bucket_num = torch.einsum("bhspmd,bhspt->bhstmd", o * w[..., None], onehot)
+    bucket_den = torch.einsum("bhspm,bhspt->bhstm", w, onehot)
+    num = torch.cumsum(bucket_num, 3)
+    den = torch.cumsum(bucket_den, 3)[..., None]
+    # A row that sees no key yet (only without force_diagonal) outputs 0, as FlexAttention.
+    approx = torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
+    exact = approx[:, :, :, -1:]
+    err = (approx - exact).square().sum((2, 4, 5))  # (B, H, T)
+    ref = exact.square().sum((2, 4, 5))  # (B, H, 1)
+    # Compared without dividing: an all-zero output (V = 0) accepts the first candidate.
+    ok = err <= (output_error * output_error) * ref
+    first = ok.to(torch.int32).argmax(-1)  # the last candidate has error 0: always ok
+    return grid[first]
