@@ -25,7 +25,9 @@ block of each prefill attends to every earlier block; the library default until 
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
 ``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
-cheap alternative to ``prism_last``. ``meanvar``, ``tcal``, ``pcal`` and ``ecal``: the
+cheap alternative to ``prism_last``. ``prism_fit``: the library default with
+``output_error = 1 - threshold``, the per-head threshold fit (prism_flex/fit.py; ``--fit``
+overrides its fields, recorded as ``fit`` in the JSON). ``meanvar``, ``tcal``, ``pcal`` and ``ecal``: the
 budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
 :func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
 :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
@@ -65,7 +67,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal", "pcal", "ecal",
+    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -90,7 +92,13 @@ def load_model(name: str, device: str):
     return tok, model.to(device).eval()
 
 
-def prism_cfg(method: str, thr: float, head_dim: int, bs: int) -> PrismConfig:
+def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismConfig:
+    if method == "prism_fit":
+        # the library's threshold fit: the knob is 1 - output_error; fit: FIELD=VALUE overrides
+        from bench.attention import prism_config
+
+        return dataclasses.replace(prism_config(list(fit)), block_size=bs,
+                                   output_error=round(1.0 - thr, 6))
     # "prism" is the paper's method: no extra final-block selection (the library default has
     # final_block_pool=16).
     cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0,
@@ -115,7 +123,7 @@ SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32":
 BUDGET = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}
 
 
-def method_table(method, q, k, thr, bs, stride, v=None):
+def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
     if method == "xattn":
         return E.xattn_table(q, k, thr, bs, stride)
     if method in SUBPOOL:
@@ -126,6 +134,10 @@ def method_table(method, q, k, thr, bs, stride, v=None):
         if v is None:
             raise SystemExit("ecal needs V: run it for ppl, needle or bench.gap, not recall")
         return E.ecal_table(q, k, v, thr, bs)
+    if method == "prism_fit":
+        # compiled on CUDA: eager FlexAttention would materialise the fit's scores
+        return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs, fit), v=v,
+                             compiled=q.is_cuda)
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -268,10 +280,10 @@ def register_method(method, thr, head_dim, args, densities) -> str:
             lambda q, k, scale: BUDGET[method](q, k, thr, bs, scale=scale),
             bs, compiled=not args.eager))
     else:
-        register(prism_cfg(method, thr, head_dim, bs), name, compiled=not args.eager)
+        register(prism_cfg(method, thr, head_dim, bs, args.fit), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]
     wrapped = _with_density(
-        fn, densities, lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v), bs,
+        fn, densities, lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v, args.fit), bs,
         dense_layers=(0,) if method == "prism_l0dense" else ())
     AttentionInterface.register(name, wrapped)
     return name
@@ -368,7 +380,7 @@ def save(args, rows):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "text": args.text, "device": args.device,
-                   "rows": rows}, f, indent=1)
+                   "fit": args.fit, "rows": rows}, f, indent=1)
 
 
 def main(argv=None):
@@ -387,6 +399,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=8, help="needle: tokens generated")
     p.add_argument("--seed", type=int, default=0, help="needle: pass key seed")
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--fit", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="prism_fit: PrismConfig overrides, e.g. fit_tokens=128")
     p.add_argument("--stride", type=int, default=8, help="xattn antidiagonal stride")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eager", action="store_true",

@@ -422,13 +422,13 @@ def setup_flex_dense(sets: list[tuple], seq_len: int, s: Settings) -> Case:
 
 
 def setup_prism_select(sets, config) -> Case:
-    density = mean_density([prism_flex.prism_block_mask(q, k, config) for q, k, _ in sets])
-    return Case(lambda i: prism_flex.prism_block_mask(sets[i][0], sets[i][1], config), density)
+    density = mean_density([prism_flex.prism_block_mask(q, k, config, v=v) for q, k, v in sets])
+    return Case(lambda i: prism_flex.prism_block_mask(*sets[i][:2], config, v=sets[i][2]), density)
 
 
 def setup_prism_sparse(sets, config) -> Case:
     flex = prism_compiled_flex()
-    masks = [prism_flex.prism_block_mask(q, k, config) for q, k, _ in sets]
+    masks = [prism_flex.prism_block_mask(q, k, config, v=v) for q, k, v in sets]
 
     def run(i):
         q, k, v = sets[i]
@@ -439,7 +439,7 @@ def setup_prism_sparse(sets, config) -> Case:
 
 def setup_prism_total(sets, config) -> Case:
     flex = prism_compiled_flex()
-    density = mean_density([prism_flex.prism_block_mask(q, k, config) for q, k, _ in sets])
+    density = mean_density([prism_flex.prism_block_mask(q, k, config, v=v) for q, k, v in sets])
 
     def run(i):
         return prism_flex.prism_attention(*sets[i], config)
@@ -447,7 +447,8 @@ def setup_prism_total(sets, config) -> Case:
     def check():
         # prism_attention must equal the compiled flex on its own mask, bit for bit.
         q, k, v = sets[0]
-        alone = flex(q, k, v, block_mask=prism_flex.prism_block_mask(q, k, config), enable_gqa=True)
+        alone = flex(q, k, v, block_mask=prism_flex.prism_block_mask(q, k, config, v=v),
+                     enable_gqa=True)
         return {"max_abs_err": max_abs_diff(run(0), alone), "err_ref": "prism_sparse"}
 
     return Case(run, density, check=check)

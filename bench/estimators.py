@@ -114,9 +114,11 @@ def density(table: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
 # Prism and its ablations
 
 
-def prism_table(q: Tensor, k: Tensor, cfg: PrismConfig, *, compiled: bool = False) -> Tensor:
-    """Prism's selection as a bool table (``prism_block_mask(...).to_dense()``)."""
-    return prism_block_mask(q, k, cfg, compiled=compiled).to_dense().bool()
+def prism_table(q: Tensor, k: Tensor, cfg: PrismConfig, *, v: Optional[Tensor] = None,
+                compiled: bool = False) -> Tensor:
+    """Prism's selection as a bool table (``prism_block_mask(...).to_dense()``); ``v`` for
+    ``cfg.output_error``."""
+    return prism_block_mask(q, k, cfg, v=v, compiled=compiled).to_dense().bool()
 
 
 def prism_nocal_table(q, k, cfg: PrismConfig, *, compiled: bool = False) -> Tensor:

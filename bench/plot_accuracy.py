@@ -29,6 +29,7 @@ STYLE = {
     "prism": ("tab:blue", "o"), "prism_last": ("tab:cyan", "v"),
     "prism_nocal": ("tab:purple", "s"), "meanpool": ("tab:orange", "^"),
     "xattn": ("tab:green", "D"), "oracle": ("black", "x"), "dense": ("gray", "*"),
+    "prism_finelast": ("tab:blue", "o"), "prism_fit": ("tab:red", "P"),
 }
 
 

@@ -23,6 +23,7 @@ One run answers the questions behind the performance work of bench/NOTES.md:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -96,7 +97,8 @@ def two_stage_mask(q, k, cfg):
     if cfg.final_block_pool:
         scores = dict(scores, **A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool))
     return A._compiled_stage("tables")(
-        scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold
+        scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold,
+        A._fine_threshold(cfg),
     )
 
 
@@ -104,23 +106,23 @@ def run_select(lengths, out, cfg, two_stage=True):
     hq, hkv, d, base = LLAMA
     rows = []
     for L in lengths:
-        q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+        q, k, v = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
         t0 = time.perf_counter()
-        mask = prism_flex.prism_block_mask(q, k, cfg)
+        mask = prism_flex.prism_block_mask(q, k, cfg, v=v)
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        fused = lambda q=q, k=k: prism_flex.prism_block_mask(q, k, cfg)  # noqa: E731
+        fused = lambda q=q, k=k, v=v: prism_flex.prism_block_mask(q, k, cfg, v=v)  # noqa: E731
         row = dict(
             L=L, first_call_s=first, density=float(prism_flex.block_density(mask).mean()),
             ms=do_bench(fused), host_us=host_us(fused), graph_ms=graph_replay_ms(fused),
         )
-        if two_stage:
+        if two_stage and cfg.output_error is None:
             two = lambda q=q, k=k: two_stage_mask(q, k, cfg)  # noqa: E731
             two()
             row.update(two_stage_ms=do_bench(two), two_stage_host_us=host_us(two))
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, mask
+        del q, k, v, mask
         torch.cuda.empty_cache()
     out["select"] = rows
 
@@ -134,7 +136,7 @@ def run_host(lengths, out, cfg):
     hq, hkv, d, base = LLAMA
     bs = cfg.block_size
     temps = (cfg.high_temperature, cfg.low_temperature)
-    thrs = (cfg.high_threshold, cfg.low_threshold)
+    thrs = (cfg.high_threshold, cfg.low_threshold, A._fine_threshold(cfg))
     rows = []
     for L in lengths:
         q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
@@ -204,13 +206,13 @@ def run_kernel(L, out):
 def run_profile(lengths, out_dir, cfg):
     hq, hkv, d, base = LLAMA
     for L in lengths:
-        q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+        q, k, v = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
         for _ in range(3):
-            prism_flex.prism_block_mask(q, k, cfg)
+            prism_flex.prism_block_mask(q, k, cfg, v=v)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(5):
-                prism_flex.prism_block_mask(q, k, cfg)
+                prism_flex.prism_block_mask(q, k, cfg, v=v)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
                                           max_name_column_width=70)
@@ -273,24 +275,24 @@ def run_micro(L, out):
     out.setdefault("micro", []).extend(rows)
 
 
-def run_memory(L, out):
+def run_memory(L, out, base_cfg):
     """``prism_block_mask`` at ``L`` tokens under several ``max_score_elements``: time and
     the memory it allocates on top of its inputs, split into the index tables (fixed by
     FlexAttention's format) and the rest (the scoring's working memory)."""
     hq, hkv, d, base = LLAMA
-    q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
+    q, k, v = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
     n = L // 128
     tables_gib = 2 * hq * n * (n + 1) * 4 / 2**30
     rows = []
     for elements in (2**26, 2**25, 2**24):
-        cfg = prism_flex.PrismConfig(max_score_elements=elements)
-        mask = prism_flex.prism_block_mask(q, k, cfg)
+        cfg = dataclasses.replace(base_cfg, max_score_elements=elements)
+        mask = prism_flex.prism_block_mask(q, k, cfg, v=v)
         del mask
         torch.cuda.synchronize()
         base_bytes = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        mask = prism_flex.prism_block_mask(q, k, cfg)
+        mask = prism_flex.prism_block_mask(q, k, cfg, v=v)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         extra = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
@@ -315,7 +317,7 @@ def main():
     p.add_argument("--parts", nargs="+", default=["select", "profile", "kernel"])
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="PrismConfig fields for the select and profile parts")
+                   help="PrismConfig fields for the select, profile and memory parts")
     p.add_argument("--no-two-stage", action="store_true",
                    help="select: skip the two-graph variant (e.g. when timing older code)")
     a = p.parse_args()
@@ -338,7 +340,7 @@ def main():
                 run_micro(L, out)
         elif part == "memory":
             for L in a.memory_lengths:
-                run_memory(L, out)
+                run_memory(L, out, cfg)
         elif part == "kernel":
             run_kernel(a.kernel_length, out)
         print(f"== {part} done in {time.time() - t0:.0f}s", flush=True)
