@@ -11,7 +11,8 @@ nothing and never touches CUDA):
   temperatures, once per call), then ``_select_tables`` (the rest) per chunk of query blocks;
 - with ``config.output_error`` (``fit.py``): ``_score_inputs``; ``_fit_inputs`` (the sampled
   rows at every candidate threshold, buckets, pieces, tables); the fit's ``flex_attention``
-  (compiled on CUDA, eager elsewhere: only the CUDA kernel returns the log-sum-exp);
+  on CUDA (elsewhere ``fit.fit_attention_plain``, eager: the CPU kernel returns no
+  log-sum-exp);
   ``fitted_thresholds``; then ``_select_tables`` with per-head threshold tensors;
 - ``flex_attention`` itself.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -354,26 +354,24 @@ def _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled) -> 
     q_fit, piece_of, piece_bucket, num, idx, key_pos = _stage("fit", compiled)(
         scores, *_lengths_only_dynamic(q), grid, q_len, kv_len, config, _fine_threshold(config)
     )
-    # Compiled FlexAttention returns the log-sum-exp on CUDA only (not the CPU template).
-    eager = not compiled or q.device.type != "cuda" or torch.compiler.is_compiling()
-    mask = fit.fit_block_mask(piece_of, num, idx, key_pos, kv_len, config, for_eager=eager)
-    options = None
-    if not eager:
+    if not compiled or q.device.type != "cuda" or torch.compiler.is_compiling():
+        # The compiled CPU FlexAttention returns no log-sum-exp, and eager FlexAttention
+        # cannot run inside our custom op (graph_op.py): the same sums in plain PyTorch.
+        out, lse = fit.fit_attention_plain(q_fit, k, v, piece_of, key_pos, config, scale)
+    else:
+        mask = fit.fit_block_mask(num, idx, key_pos, kv_len, config)
         m = config.fit_tokens
         # The query tile must divide the mask's query blocks of m rows.
         tile = 64 if m % 64 == 0 else (32 if m % 32 == 0 else 16)
         options = dict(_kernel_options(q.device) or {}, BLOCK_M=tile)
         q_fit, k, v = _lengths_only_dynamic(q_fit, k, v)
         torch._dynamo.mark_static(q_fit, 2)  # S * P * m rows: a constant of the config
-    flex = _STAGES["flex"] if eager else _compiled_stage("flex")
-    with warnings.catch_warnings():
-        # Eager by design where the compiled kernel has no log-sum-exp (CPU): its "unfused
-        # implementation" warning is noise. Its scores take (S * P * m) x Lkv per head.
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
-        out, aux = flex(q_fit, k, v, block_mask=mask, scale=scale,
-                        enable_gqa=q.shape[1] != k.shape[1], kernel_options=options,
-                        return_aux=AuxRequest(lse=True))
-    return _stage("fitted", compiled)(out, aux.lse, piece_bucket, grid, config.fit_tokens,
+        out, aux = _compiled_stage("flex")(
+            q_fit, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+            kernel_options=options, return_aux=AuxRequest(lse=True),
+        )
+        lse = aux.lse
+    return _stage("fitted", compiled)(out, lse, piece_bucket, grid, config.fit_tokens,
                                       float(config.output_error))
 
 

@@ -154,11 +154,7 @@ class PrismConfig:
             raise ValueError(
                 f"PrismConfig.rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}"
             )
-        if not _is_int(self.dense_final_blocks) or self.dense_final_blocks < 0:
-            raise ValueError(
-                f"PrismConfig.dense_final_blocks must be an int >= 0, got "
-                f"{self.dense_final_blocks!r}"
-            )
+        self._check_int("dense_final_blocks", 0)
         if (not _is_int(self.final_block_pool) or self.final_block_pool < 0
                 or (self.final_block_pool and self.block_size % self.final_block_pool)):
             raise ValueError(
@@ -171,10 +167,7 @@ class PrismConfig:
                 f"PrismConfig.output_error must be None or a number in (0, 1], got "
                 f"{self.output_error!r}"
             )
-        if not _is_int(self.fit_query_blocks) or self.fit_query_blocks < 1:
-            raise ValueError(
-                f"PrismConfig.fit_query_blocks must be an int >= 1, got {self.fit_query_blocks!r}"
-            )
+        self._check_int("fit_query_blocks", 1)
         if not _is_int(self.fit_tokens) or self.fit_tokens < 16 or self.fit_tokens % 16:
             raise ValueError(
                 f"PrismConfig.fit_tokens must be a multiple of 16, >= 16, got {self.fit_tokens!r}"
@@ -185,14 +178,13 @@ class PrismConfig:
                 f"PrismConfig.fit_tokens ({self.fit_tokens}) must not exceed block_size "
                 f"({self.block_size}) when output_error is set"
             )
-        if not _is_int(self.dense_below) or self.dense_below < 0:
-            raise ValueError(
-                f"PrismConfig.dense_below must be an int >= 0, got {self.dense_below!r}"
-            )
-        if not _is_int(self.max_score_elements) or self.max_score_elements < 1:
-            raise ValueError(
-                f"PrismConfig.max_score_elements must be an int >= 1, got {self.max_score_elements!r}"
-            )
+        self._check_int("dense_below", 0)
+        self._check_int("max_score_elements", 1)
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value < minimum:
+            raise ValueError(f"PrismConfig.{name} must be an int >= {minimum}, got {value!r}")
 
     def band_dims(self, head_dim: int) -> tuple[int, int]:
         """``(high_dims, low_dims)`` for a head dim, defaults resolved and checked against it."""

@@ -9,20 +9,22 @@ output over the blocks that each candidate threshold would select, and keeps the
 candidate whose relative error is within ``output_error``. V-aware: a head whose dropped
 blocks carry values close to its output stops early.
 
-How, in one FlexAttention call. The candidates (:data:`FIT_THRESHOLDS`) are nested: a higher
+How, in one FlexAttention call (on CUDA). The candidates (:data:`FIT_THRESHOLDS`) are nested: a higher
 threshold selects a superset (top-p is a prefix of the sorted blocks; the sink, diagonal and
 final-row extras do not depend on it). So each visible key block of a sampled query block has
 a *bucket*, the first candidate that selects it. The sampled queries are repeated once per
-bucket, each copy attending only to its bucket's key blocks (a ``BlockMask`` whose query
-blocks are ``fit_tokens`` rows), with the log-sum-exp returned; prefix sums over the buckets
+piece of a bucket (:func:`fit_inputs`), each copy attending only to its piece's key blocks (a
+``BlockMask`` whose query blocks are ``fit_tokens`` rows), with the log-sum-exp returned;
+prefix sums over the buckets
 then give the output at every candidate, and the sum over all of them is the exact output
 (the last candidate, 1.0, selects every visible block). Each key block is read once per
 sampled query block: the cost is the exact attention of ``fit_query_blocks x fit_tokens``
 queries per head, and memory is O(those queries x candidates x D).
 
-Functions, compiled by :mod:`prism_flex.attention`: :func:`fit_inputs` (buckets, index tables,
-repeated queries) and :func:`fitted_thresholds` (errors and choice); :func:`fit_block_mask`
-wraps the tables, and the attention between them is ``flex_attention``.
+Functions, compiled by :mod:`prism_flex.attention`: :func:`fit_inputs` (buckets, pieces, index
+tables, repeated queries) and :func:`fitted_thresholds` (errors and choice). Between them, on
+CUDA, ``flex_attention`` on :func:`fit_block_mask`; elsewhere (and eagerly)
+:func:`fit_attention_plain`, the same per-piece sums in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from .block_mask import compact_blocks
 
 __all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs", "fit_block_mask",
-           "fitted_thresholds"]
+           "fit_attention_plain", "fitted_thresholds"]
 
 #: Candidate top-p thresholds, ascending. The last is 1.0 (every visible block, zero error),
 #: so every head has a candidate within any ``output_error``.
@@ -128,29 +130,61 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, con
     return q_fit, piece_of, piece_bucket, num, idx, key_pos.to(torch.int32)
 
 
-def fit_block_mask(piece_of: Tensor, num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int,
-                   config, *, for_eager: bool) -> BlockMask:
-    """The ``BlockMask`` of the fit's attention: query block ``s * P + p`` sees the key
-    blocks of piece ``p`` of sampled block ``s``, token-level causal inside them.
-
-    ``for_eager``: eager FlexAttention ignores the block lists and evaluates ``mask_mod`` on
-    every pair, so the piece is then looked up there too; compiled, the lists already
-    restrict it and the ``mask_mod`` is only causal.
-    """
-    m, n_pieces = config.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
+def fit_block_mask(num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int, config
+                   ) -> BlockMask:
+    """The ``BlockMask`` of the fit's compiled FlexAttention: query block ``s * P + p`` sees
+    the key blocks of piece ``p`` of sampled block ``s`` (the block lists), token-level
+    causal inside them (the ``mask_mod``)."""
 
     def causal(b, h, q_idx, kv_idx):
         return key_pos[q_idx] >= kv_idx
 
-    def in_piece(b, h, q_idx, kv_idx):
-        block = q_idx // m
-        same = piece_of[b, h, block // n_pieces, kv_idx // config.block_size] == block % n_pieces
-        return same & causal(b, h, q_idx, kv_idx)
-
     return BlockMask.from_kv_blocks(
-        num, idx, BLOCK_SIZE=(m, config.block_size), mask_mod=in_piece if for_eager else causal,
+        num, idx, BLOCK_SIZE=(config.fit_tokens, config.block_size), mask_mod=causal,
         seq_lengths=(key_pos.shape[0], kv_len), compute_q_blocks=False,
     )
+
+
+def fit_attention_plain(q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor,
+                        key_pos: Tensor, config, scale) -> tuple[Tensor, Tensor]:
+    """What the fit's FlexAttention returns, ``(out, lse)`` per piece, in plain PyTorch: for
+    CPU (the compiled CPU kernel returns no log-sum-exp; eager FlexAttention cannot run inside
+    a custom op there) and for ``compiled=False``.
+
+    The sampled tokens' scores are computed once, not once per piece: ``(S * m) x Lkv``
+    float32 per head, plus per-key-block partial sums ``(S * m) x Nk x D``; each piece's sums
+    are then gathered from its blocks. Shapes as :func:`fitted_thresholds` takes them.
+    """
+    bs, m = config.block_size, config.fit_tokens
+    b, hq, _, d = q_fit.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    samples, n_pieces, nk = piece_of.shape[2], len(FIT_THRESHOLDS) + FIT_SPLIT, piece_of.shape[3]
+    scale = d ** -0.5 if scale is None else scale
+    # one copy of the sampled tokens: (B, Hkv, G, S * m, D), GQA without repeating K/V
+    q = q_fit.unflatten(2, (samples, n_pieces, m))[:, :, :, 0].flatten(2, 3)
+    q = q.float().unflatten(1, (hkv, hq // hkv))
+    logits = torch.einsum("bkgnd,bkld->bkgnl", q, k.float()) * scale
+    pos = key_pos.unflatten(0, (samples, n_pieces, m))[:, 0].flatten()  # (S * m,)
+    keys = torch.arange(kv_len, device=q.device)
+    logits = logits.masked_fill(keys > pos[:, None].to(keys.dtype), float("-inf"))
+    top = logits.amax(-1, keepdim=True)  # finite: each token sees itself
+    e = torch.exp(logits - top)
+    e = torch.nn.functional.pad(e, (0, nk * bs - kv_len)).unflatten(-1, (nk, bs))
+    vb = torch.nn.functional.pad(v.float(), (0, 0, 0, nk * bs - kv_len)).unflatten(2, (nk, bs))
+    part_num = torch.einsum("bkgnjt,bkjtd->bkgnjd", e, vb).flatten(1, 2)  # (B, Hq, n, Nk, D)
+    part_den = e.sum(-1).flatten(1, 2)  # (B, Hq, n, Nk)
+    # each token's piece of every key block; invisible blocks go to a spill piece, dropped
+    piece = piece_of.repeat_interleave(m, 2).long()  # (B, Hq, n, Nk)
+    num = part_num.new_zeros(b, hq, samples * m, n_pieces + 1, d)
+    num.scatter_add_(3, piece[..., None].expand(-1, -1, -1, -1, d), part_num)
+    den = part_den.new_zeros(b, hq, samples * m, n_pieces + 1).scatter_add_(3, piece, part_den)
+    num, den = num[:, :, :, :n_pieces], den[:, :, :, :n_pieces]
+    out = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], 0.0)
+    lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + top.flatten(1, 2), -torch.inf)
+    # (B, H, S, m, P, ...) -> the FlexAttention layout (B, H, S * P * m, ...)
+    out = out.unflatten(2, (samples, m)).transpose(3, 4).flatten(2, 4)
+    lse = lse.unflatten(2, (samples, m)).transpose(3, 4).flatten(2, 4)
+    return out, lse
 
 
 def fitted_thresholds(out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor,

@@ -134,3 +134,50 @@ def test_pieces_partition_each_bucket_into_short_runs(nk, samples, seed):
                     assert torch.all(first[0, h, s, blocks] == piece_bucket[0, h, s, p])
                 else:  # only the unused pieces, after the used ones, are empty
                     assert piece_bucket[0, h, s, p] == t_count
+
+
+@given(p=problems(max_len=1100))
+def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
+    """fit_attention_plain (CPU, eager) against FlexAttention over the repeated queries with
+    each query block restricted to its piece (what the CUDA path computes from the block
+    lists of fit_block_mask, whose agreement with the pieces test_pieces_... checks)."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    from prism_flex.attention import _fit_grid, _fit_inputs, _fine_threshold, score_inputs
+    from prism_flex.fit import FIT_SPLIT, fit_attention_plain
+
+    q, k, v = _qkv(p)
+    cfg = CFG
+    scores = score_inputs(q, k, cfg)
+    q_fit, piece_of, _, _, _, key_pos = _fit_inputs(scores, q, _fit_grid(q.device), p["lq"],
+                                                    p["lkv"], cfg, _fine_threshold(cfg))
+    m, n_pieces = cfg.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
+
+    def in_piece(b, h, q_idx, kv_idx):
+        block = q_idx // m
+        same = piece_of[b, h, block // n_pieces, kv_idx // cfg.block_size] == block % n_pieces
+        return same & (key_pos[q_idx] >= kv_idx)
+
+    mask = create_block_mask(in_piece, p["b"], p["hq"], q_fit.shape[2], p["lkv"], device="cpu")
+    want, aux = flex_attention(q_fit, k, v, block_mask=mask, enable_gqa=p["hq"] != p["hkv"],
+                               return_aux=AuxRequest(lse=True))
+    out, lse = fit_attention_plain(q_fit, k, v, piece_of, key_pos, cfg, None)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    seen = torch.isfinite(aux.lse)
+    assert torch.equal(seen, torch.isfinite(lse))
+    torch.testing.assert_close(lse[seen], aux.lse[seen], rtol=1e-4, atol=1e-4)
+
+
+def test_fit_inside_a_user_compiled_model():
+    """PrismAttention with the fit, traced by the user's torch.compile (our custom op), equals
+    the eager path; on CPU the fit's attention inside the op is the plain-PyTorch one (eager
+    FlexAttention fails inside a custom op)."""
+    from prism_flex import PrismAttention
+
+    attn = PrismAttention(CFG)
+    q, k, v = structured_qkv(1, 4, 2, 700, 900, 64, seed=2)
+    fn = torch.compile(lambda q, k, v: attn(q, k, v) * 1.0, fullgraph=True)
+    with torch.no_grad():
+        got = fn(q, k, v)
+    torch.testing.assert_close(got, prism_attention(q, k, v, CFG, compiled=False),
+                               rtol=1e-5, atol=1e-5)
