@@ -27,8 +27,8 @@ block of each prefill attends to every earlier block; the library default until 
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
 cheap alternative to ``prism_last``. ``prism_fit``: the library default with
 ``output_error = 1 - threshold``, the per-head threshold fit (prism_flex/fit.py; ``--fit``
-overrides its fields, recorded as ``fit`` in the JSON). ``meanvar``, ``tcal``, ``pcal`` and ``ecal``: the
-budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
+overrides its fields, recorded as ``fit`` in the JSON). ``meanvar``, ``tcal``, ``pcal`` and
+``ecal``: the budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
 :func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
 :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
 Output JSON::
@@ -135,7 +135,7 @@ def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
             raise SystemExit("ecal needs V: run it for ppl, needle or bench.gap, not recall")
         return E.ecal_table(q, k, v, thr, bs)
     if method == "prism_fit":
-        # compiled on CUDA: eager FlexAttention would materialise the fit's scores
+        # compiled on CUDA, as the attention runs it (the fit's FlexAttention path)
         return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs, fit), v=v,
                              compiled=q.is_cuda)
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
@@ -283,7 +283,8 @@ def register_method(method, thr, head_dim, args, densities) -> str:
         register(prism_cfg(method, thr, head_dim, bs, args.fit), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]
     wrapped = _with_density(
-        fn, densities, lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v, args.fit), bs,
+        fn, densities,
+        lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v, args.fit), bs,
         dense_layers=(0,) if method == "prism_l0dense" else ())
     AttentionInterface.register(name, wrapped)
     return name

@@ -1,8 +1,10 @@
 """GPU check of the threshold fit (``PrismConfig.output_error``): compiled against eager.
 
 On CUDA the fit's FlexAttention is compiled (block lists, query tiles of ``fit_tokens`` rows,
-log-sum-exp returned); the eager path (``compiled=False``) evaluates the bucket ``mask_mod`` on
-every pair and is the one tested against the float64 reference on CPU (tests/test_fit.py).
+log-sum-exp returned); the eager path (``compiled=False``) computes the same per-piece sums in
+plain PyTorch (``fit_attention_plain``, the one tested against the float64 reference on CPU,
+tests/test_fit.py). (``bench/results/h200_check_fit.json`` predates that: its eager path was
+eager FlexAttention with the piece looked up in the ``mask_mod``.)
 Per shape and length: the share of heads whose whole block table is the same on both paths
 (a head's fitted threshold may flip where a candidate's error is within rounding of the
 budget), the densities, and the time of the compiled ``prism_block_mask`` with and without
@@ -40,7 +42,8 @@ def check(shape, lq, lkv, cfg) -> dict:
         shape=shape, Lq=lq, Lkv=lkv, same_heads=same_heads,
         density_compiled=prism_flex.block_density(compiled).mean().item(),
         density_eager=prism_flex.block_density(eager).mean().item(),
-        density_no_fit=prism_flex.block_density(prism_flex.prism_block_mask(q, k, plain)).mean().item(),
+        density_no_fit=prism_flex.block_density(
+            prism_flex.prism_block_mask(q, k, plain)).mean().item(),
         ms_fit=do_bench(lambda: prism_flex.prism_block_mask(q, k, cfg, v=v)),
         ms_no_fit=do_bench(lambda: prism_flex.prism_block_mask(q, k, plain)),
     )

@@ -9,9 +9,9 @@ output over the blocks that each candidate threshold would select, and keeps the
 candidate whose relative error is within ``output_error``. V-aware: a head whose dropped
 blocks carry values close to its output stops early.
 
-How, in one FlexAttention call (on CUDA). The candidates (:data:`FIT_THRESHOLDS`) are nested: a higher
-threshold selects a superset (top-p is a prefix of the sorted blocks; the sink, diagonal and
-final-row extras do not depend on it). So each visible key block of a sampled query block has
+How, in one FlexAttention call (on CUDA). The candidates (:data:`FIT_THRESHOLDS`) are nested:
+a higher threshold selects a superset (top-p is a prefix of the sorted blocks; the sink,
+diagonal and final-row extras do not depend on it). So each visible key block of a sampled query block has
 a *bucket*, the first candidate that selects it. The sampled queries are repeated once per
 piece of a bucket (:func:`fit_inputs`), each copy attending only to its piece's key blocks (a
 ``BlockMask`` whose query blocks are ``fit_tokens`` rows), with the log-sum-exp returned;
@@ -35,8 +35,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .block_mask import compact_blocks
 
-__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs", "fit_block_mask",
-           "fit_attention_plain", "fitted_thresholds"]
+__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs",
+           "fit_block_mask", "fit_attention_plain", "fitted_thresholds"]
 
 #: Candidate top-p thresholds, ascending. The last is 1.0 (every visible block, zero error),
 #: so every head has a candidate within any ``output_error``.
