@@ -27,7 +27,9 @@ block of each prefill attends to every earlier block; the library default until 
 default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
 cheap alternative to ``prism_last``. ``prism_fit``: the library default with
 ``output_error = 1 - threshold``, the per-head threshold fit (prism_flex/fit.py; ``--fit``
-overrides its fields, recorded as ``fit`` in the JSON). ``meanvar``, ``tcal``, ``pcal`` and
+overrides its fields, recorded as ``fit`` in the JSON; the fit's default
+``local_blocks=1`` since 2026-12-01, ``--fit local_blocks=0`` gives the earlier runs).
+``prism_local``: the library default with ``local_blocks=1``. ``meanvar``, ``tcal``, ``pcal`` and
 ``ecal``: the budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
 :func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
 :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
@@ -67,7 +69,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit",
+    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit", "prism_local",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -113,6 +115,8 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
         return dataclasses.replace(cfg, dense_final_blocks=1)
     if method == "prism_finelast":
         return dataclasses.replace(cfg, final_block_pool=16)
+    if method == "prism_local":  # the library default, and the block before the diagonal
+        return dataclasses.replace(cfg, final_block_pool=16, local_blocks=1)
     if method == "prism_l0dense":  # Prism, and layer 0 dense (register_method)
         return cfg
     raise ValueError(method)

@@ -30,6 +30,7 @@ STYLE = {
     "prism_nocal": ("tab:purple", "s"), "meanpool": ("tab:orange", "^"),
     "xattn": ("tab:green", "D"), "oracle": ("black", "x"), "dense": ("gray", "*"),
     "prism_finelast": ("tab:blue", "o"), "prism_fit": ("tab:red", "P"),
+    "prism_local": ("tab:brown", "X"),
 }
 
 

@@ -46,6 +46,7 @@ from .scoring import (
     final_block_probs,
     pool_blocks,
     rows_block_geometry,
+    rows_diagonal_range,
 )
 from .selection import combine_selection, top_p_select
 
@@ -203,11 +204,18 @@ def _select_blocks(scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_
     dense_rows = extra = None
     if config.dense_final_blocks:
         dense_rows = rows >= nq - config.dense_final_blocks
+    local = config.local_block_count()
+    if local:
+        # (R, Nk): the `local` key blocks right before each row's first diagonal block
+        first, _ = rows_diagonal_range(rows, q_len, kv_len, config.block_size)
+        cols = torch.arange(nk, device=rows.device)[None, :]
+        extra = (cols < first[:, None]) & (cols >= first[:, None] - local)
     if config.final_block_pool:
         probs = final_block_probs(scores["q_final"], scores["k_fine"], q_len, kv_len,
                                   config.block_size, config.final_block_pool)
         fine = top_p_select(probs, fine_thr)
-        extra = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
+        fine = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
+        extra = fine if extra is None else fine | extra
     selected = combine_selection(
         high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
         extra,

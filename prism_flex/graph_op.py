@@ -38,6 +38,7 @@ def prism_attention_op(
     force_diagonal: bool,
     dense_final_blocks: int,
     final_block_pool: int,
+    local_blocks: Optional[int],
     output_error: Optional[float],
     fit_query_blocks: int,
     fit_tokens: int,
@@ -55,7 +56,7 @@ def prism_attention_op(
         high_temperature=high_temperature, low_temperature=low_temperature,
         force_sink=force_sink, force_diagonal=force_diagonal,
         dense_final_blocks=dense_final_blocks, final_block_pool=final_block_pool,
-        output_error=output_error, fit_query_blocks=fit_query_blocks, fit_tokens=fit_tokens,
+        local_blocks=local_blocks, output_error=output_error, fit_query_blocks=fit_query_blocks, fit_tokens=fit_tokens,
         rope_layout=rope_layout,
         dense_below=dense_below, max_score_elements=max_score_elements,
     )
@@ -78,7 +79,7 @@ def call(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[f
         float(config.high_threshold), float(config.low_threshold), config.calibrate,
         float(config.high_temperature), float(config.low_temperature), config.force_sink,
         config.force_diagonal, config.dense_final_blocks, config.final_block_pool,
-        None if config.output_error is None else float(config.output_error),
+        config.local_blocks, None if config.output_error is None else float(config.output_error),
         config.fit_query_blocks, config.fit_tokens, config.rope_layout, config.dense_below,
         config.max_score_elements, scale,
     )

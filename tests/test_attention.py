@@ -119,6 +119,19 @@ def test_dense_final_blocks_match_reference(p, n):
     assert torch.equal(table[:, :, -n:], allowed[-n:].expand_as(table[:, :, -n:]))
 
 
+@given(p=problems(), local=st.integers(1, 3))
+def test_local_blocks_match_reference_and_are_always_kept(p, local):
+    cfg = dataclasses.replace(CFG, local_blocks=local)
+    q, k, _ = _qkv(p)
+    table = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
+    want, margin = ref.selection(q, k, cfg)
+    assert_tables_equal(table, want, margin)
+    _, diagonal = ref.causal_blocks(p["lq"], p["lkv"], cfg.block_size)
+    for i in range(diagonal.shape[0]):
+        first = int(diagonal[i].nonzero().min())
+        assert table[:, :, i, max(0, first - local) : first].all()
+
+
 @given(p=problems(), pool=st.sampled_from([16, 32, 128]),
        thresholds=st.sampled_from([(0.8, 0.8), (0.5, 0.9), (0.95, 0.6)]))
 def test_final_block_pool_matches_reference(p, pool, thresholds):
