@@ -33,7 +33,7 @@ made both the dense and the Prism prefill slower on this small model (0.72x, 0.8
 layer's code, so it compiles once per variant instead of tracing the whole stack; compiling
 the whole stack did not finish within minutes on the H200 with float8), so that torchao's
 quantisation fuses; Prism runs as one opaque op inside each layer's graph. The timed call is
-the third (the second recompiles Prism's stages: README, Known limitations).
+the third (a spare warm-up: Prism's stages once recompiled on the second call).
 
 Run from the repo root (it imports ``bench``, which is not part of the installed package):
 
@@ -111,9 +111,9 @@ def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
     prefill = lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state  # noqa: E731
     prefill()  # warm-up: compiles (Prism's stages, or the model), warms torchao kernels
     if compile_model:
-        # The first run of a compiled model hands its custom ops tensors with another dispatch
-        # key set than later runs, so Prism's stages compile a second time on the second call
-        # (README, Known limitations): time the third.
+        # A spare warm-up: Prism's stages used to compile again on the second call of a
+        # compiled model (fixed in graph_op.py); anything else that recompiles there is not
+        # timed either.
         prefill()
     seconds, hidden = timed(prefill, device)
     hidden = hidden[0, :-1]  # position i predicts token i + 1

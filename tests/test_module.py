@@ -62,6 +62,22 @@ def test_compiled_user_model_chunked_prefill_on_cpu():
         torch.testing.assert_close(compiled(q, k, v), eager * 2, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_user_model_compiles_only_on_its_first_call():
+    """The first run of a user's compiled graph calls our op under AOTAutograd's aliasing
+    check, with another dispatch key state than later runs: our stages once compiled a second
+    time on the second call (graph_op.py)."""
+    counters = torch._dynamo.utils.counters
+    attn = PrismAttention(CFG)
+    q, k, v = structured_qkv(1, 4, 2, 500, 500, 32, seed=4)
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v) + 1.0, fullgraph=True)
+    with torch.no_grad():
+        first = compiled(q, k, v)
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            torch.testing.assert_close(compiled(q, k, v), first)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_inputs_that_require_grad_are_accepted():
     """Inference only: a model called outside no_grad hands over tensors that require grad."""
     q, k, v = structured_qkv(2, 4, 2, 700, 900, 64)
