@@ -284,6 +284,31 @@ def _compiled_stage(name: str):
     return torch.compile(_STAGES[name], fullgraph=True, dynamic=True)
 
 
+def _uniform_dispatch_keys(fn):
+    """Run ``fn`` below the autograd and ADInplaceOrView dispatch keys (not while a compile
+    of the user's model traces it).
+
+    Why: our compiled stages guard on the dispatch keys of their inputs as the thread-local
+    state shows them, and that state differs between a plain call, a call under
+    ``torch.inference_mode()`` or with inference tensors (which lack ADInplaceOrView), and
+    the first run of our custom op inside a user's compiled graph (AOTAutograd's aliasing
+    check runs it in a dispatch mode that excludes ADInplaceOrView): each difference compiled
+    every stage once more. Below those keys all of them look the same. Inference only, so
+    nothing is lost: the callers run under ``no_grad`` on detached inputs, and the outputs
+    are ordinary tensors.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_uniform_dispatch_keys
 @torch.no_grad()
 def prism_block_mask(
     q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *,
@@ -528,6 +553,7 @@ def _cuda_options(index: int) -> tuple:
     return (("USE_TMA", True),) if major >= 9 else ()
 
 
+@_uniform_dispatch_keys
 @torch.no_grad()  # inference only; also keeps the compiled stages' grad-mode guard constant
 def prism_attention(
     q: Tensor,

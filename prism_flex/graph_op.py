@@ -21,9 +21,6 @@ from torch import Tensor
 from .config import PrismConfig
 
 
-_AD_INPLACE_OR_VIEW = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
-
-
 @torch.library.custom_op("prism_flex::prism_attention", mutates_args=())
 def prism_attention_op(
     q: Tensor,
@@ -63,15 +60,10 @@ def prism_attention_op(
         rope_layout=rope_layout,
         dense_below=dense_below, max_score_elements=max_score_elements,
     )
-    # The first run of a user's compiled graph calls its custom ops under AOTAutograd's
-    # aliasing check (a dispatch mode, torch._functorch.config.check_custom_op_aliasing), whose
-    # handler excludes the ADInplaceOrView key; later runs do not. Our compiled stages guard on
-    # the dispatch keys of their inputs, so they compiled twice, once per state (CPU, 2K
-    # tokens: 8.5 s on the first call, 1.6 s on the second). Excluding that key in every call
-    # makes the state the same; an inference-only computation does not need it (it tracks
-    # views and versions for autograd).
-    with torch._C._ExcludeDispatchKeyGuard(_AD_INPLACE_OR_VIEW):
-        out, density = prism_attention(q, k, v, config, scale=scale, return_density=True)
+    # (The first run of a user's compiled graph calls this under AOTAutograd's aliasing check,
+    # a dispatch mode that changes the dispatch keys our stages guard on: prism_attention
+    # runs below those keys for that reason, see attention._uniform_dispatch_keys.)
+    out, density = prism_attention(q, k, v, config, scale=scale, return_density=True)
     # Contiguous, as the fake below promises (flex_attention's output follows q's strides).
     return out.contiguous(), density
 

@@ -96,6 +96,22 @@ def test_no_recompilation_across_lengths():
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_inference_mode_and_plain_calls_share_the_compiled_stages():
+    """Inference tensors lack a dispatch key that ordinary ones have, and inference mode
+    hides others: the stages run below those keys, so no mix compiles anything new."""
+    counters = torch._dynamo.utils.counters
+    q, k, v = structured_qkv(1, 4, 2, 650, 650, 64, seed=7)
+    want = prism_attention(q, k, v, CFG)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        qi, ki, vi = (t.clone() for t in (q, k, v))
+        got = [prism_attention(qi, ki, vi, CFG), prism_attention(q, k, v, CFG)]
+    got.append(prism_attention(qi, ki, vi, CFG))
+    assert counters["stats"]["unique_graphs"] == graphs
+    for out in got:
+        assert torch.equal(out, want)
+
+
 def test_head_counts_and_head_dims_are_static_for_the_compiled_stages():
     """Only batch and lengths are symbolic in our compiled stages: otherwise dynamo's duck
     sizing ties a length to an equal head dim at the first call (Qwen2.5 at 8K tokens: 64 key
