@@ -76,9 +76,9 @@ class PrismConfig:
         local_blocks: every query block also keeps the ``local_blocks`` key blocks right
             before its diagonal block(s) (full blocks). Why: a sentence cut by a block
             boundary continues in the next block, whose tokens then lose what came just
-            before them unless that block is selected; a fixed top-p nearly always keeps it
-            (locality), a fitted per-head threshold (``output_error``) can cut it: a pass key
-            whose digits began a block came out as "2761111" for 27611 until this was on
+            before them unless that block is selected. A fitted per-head threshold
+            (``output_error``, as low as 0.5) cut it where the default did not: a pass key
+            whose digits began a block came out as "2761161" for 27611 until this was on
             (README). ``None`` (default): 1 with ``output_error``, else 0 (the default's
             measured figures are without it); see :meth:`local_block_count`.
         output_error: ``None`` (default): the top-p thresholds are ``high_threshold`` and

@@ -56,7 +56,8 @@ def prism_attention_op(
         high_temperature=high_temperature, low_temperature=low_temperature,
         force_sink=force_sink, force_diagonal=force_diagonal,
         dense_final_blocks=dense_final_blocks, final_block_pool=final_block_pool,
-        local_blocks=local_blocks, output_error=output_error, fit_query_blocks=fit_query_blocks, fit_tokens=fit_tokens,
+        local_blocks=local_blocks, output_error=output_error,
+        fit_query_blocks=fit_query_blocks, fit_tokens=fit_tokens,
         rope_layout=rope_layout,
         dense_below=dense_below, max_score_elements=max_score_elements,
     )
