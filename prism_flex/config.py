@@ -96,9 +96,10 @@ class PrismConfig:
             FlexAttention call (``prism_flex/fit.py``). Measured (README, H200): on
             Qwen2.5-Coder-0.5B at 32K tokens, ``0.1`` gives perplexity 44.13 at density 0.166
             (default Prism at threshold 0.9: 45.38 at 0.165; the XAttention-style estimator
-            44.21 at 0.174), pass keys 10/10 at 8K and 32K but 9/10 at 16K; selection time
-            (Llama shape) +1.2-3.7 ms GPU and ~+3 ms host per call at 8K-128K. Off by
-            default for those two reasons.
+            44.21 at 0.174), pass keys 10/10 at 8K and 32K but 9/10 at 16K (10/10 on CPU
+            since ``local_blocks``); selection time (Llama shape) +1.2-3.7 ms GPU and ~+3 ms
+            host per call at 8K-128K. Off by default: the host time, and the GPU figures
+            with ``local_blocks`` are not measured yet.
         fit_query_blocks: query blocks sampled by the fit, evenly spaced from a quarter of
             the query blocks to the last one (``output_error`` only).
         fit_tokens: query tokens per sampled block, evenly spaced in it; a multiple of 16
