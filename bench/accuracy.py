@@ -23,13 +23,14 @@ block of each prefill attends to every earlier block; the library default until 
 :func:`bench.estimators.subpool_table`, queries / keys mean-pooled over 32 / 32 (32 / 128,
 16 / 128) tokens, mean of per-sub-row softmaxes.
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
-``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``, **the library
-default**: the last query block also takes the top-p of a 16-token sub-block scoring, the
-cheap alternative to ``prism_last``. ``prism_fit``: the library default with
+``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``: the last query
+block also takes the top-p of a 16-token sub-block scoring, the cheap alternative to
+``prism_last``; it was the library default until 2026-12-01.
+``prism_fit``: the library default with
 ``output_error = 1 - threshold``, the per-head threshold fit (prism_flex/fit.py; ``--fit``
-overrides its fields, recorded as ``fit`` in the JSON; the fit's default
-``local_blocks=1`` since 2026-12-01, ``--fit local_blocks=0`` gives the earlier runs).
-``prism_local``: the library default with ``local_blocks=1``. ``meanvar``, ``tcal``, ``pcal`` and
+overrides its fields, recorded as ``fit`` in the JSON; ``--fit local_blocks=0`` gives the
+runs made before 2026-12-01). ``prism_local``: ``prism_finelast`` with ``local_blocks=1``,
+**the library default since 2026-12-01**. ``meanvar``, ``tcal``, ``pcal`` and
 ``ecal``: the budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
 :func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
 :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
@@ -101,10 +102,10 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
 
         return dataclasses.replace(prism_config(list(fit)), block_size=bs,
                                    output_error=round(1.0 - thr, 6))
-    # "prism" is the paper's method: no extra final-block selection (the library default has
-    # final_block_pool=16).
+    # "prism" is the paper's method: no extra final-block or local selection (the library
+    # default has final_block_pool=16, local_blocks=1).
     cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0,
-                      final_block_pool=0)
+                      final_block_pool=0, local_blocks=0)
     if method == "prism":
         return cfg
     if method == "prism_nocal":
@@ -115,7 +116,7 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
         return dataclasses.replace(cfg, dense_final_blocks=1)
     if method == "prism_finelast":
         return dataclasses.replace(cfg, final_block_pool=16)
-    if method == "prism_local":  # the library default, and the block before the diagonal
+    if method == "prism_local":  # the library default
         return dataclasses.replace(cfg, final_block_pool=16, local_blocks=1)
     if method == "prism_l0dense":  # Prism, and layer 0 dense (register_method)
         return cfg

@@ -204,7 +204,7 @@ def _select_blocks(scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_
     dense_rows = extra = None
     if config.dense_final_blocks:
         dense_rows = rows >= nq - config.dense_final_blocks
-    local = config.local_block_count()
+    local = config.local_blocks
     if local:
         # (R, Nk): the `local` key blocks right before each row's first diagonal block
         first, _ = rows_diagonal_range(rows, q_len, kv_len, config.block_size)

@@ -74,13 +74,15 @@ class PrismConfig:
             over plain Prism, perplexity equal to plain Prism's (43.44 at 32K, 0.95);
             selection time on the H200 (Llama shape) +0.12 ms GPU at 32K, +0.33 ms at 128K.
         local_blocks: every query block also keeps the ``local_blocks`` key blocks right
-            before its diagonal block(s) (full blocks). Why: a sentence cut by a block
-            boundary continues in the next block, whose tokens then lose what came just
-            before them unless that block is selected. A fitted per-head threshold
-            (``output_error``, as low as 0.5) cut it where the default did not: a pass key
-            whose digits began a block came out as "2761161" for 27611 until this was on
-            (README). ``None`` (default): 1 with ``output_error``, else 0 (the default's
-            measured figures are without it); see :meth:`local_block_count`.
+            before its diagonal block(s) (full blocks). Why: the first tokens of a query
+            block have almost no context inside it, and their nearest context is the end of
+            the previous block, which block-mean scoring underrates (one block mean against
+            another: the local attention of a few tokens is a small part of it). Measured on
+            Qwen2.5-Coder-0.5B (README, CPU, float32): with 1, perplexity 42.26 at density
+            0.404 against 45.97 at 0.391 without (4K tokens, threshold 0.9; dense 42.09),
+            42.11 at 0.287 against 45.49 at 0.282 (8K; dense 41.87), better than the
+            XAttention-style estimator at equal density; it also fixed the threshold fit's
+            pass-key miss at 16K. ``0``: the paper's method. Default 1.
         output_error: ``None`` (default): the top-p thresholds are ``high_threshold`` and
             ``low_threshold``. A number in ``(0, 1]``: they are fitted per (batch, head)
             instead, from the attention itself: the threshold of both bands is the smallest
@@ -96,10 +98,10 @@ class PrismConfig:
             FlexAttention call (``prism_flex/fit.py``). Measured (README, H200): on
             Qwen2.5-Coder-0.5B at 32K tokens, ``0.1`` gives perplexity 44.13 at density 0.166
             (default Prism at threshold 0.9: 45.38 at 0.165; the XAttention-style estimator
-            44.21 at 0.174), pass keys 10/10 at 8K and 32K but 9/10 at 16K (10/10 on CPU
-            since ``local_blocks``); selection time (Llama shape) +1.2-3.7 ms GPU and ~+3 ms
-            host per call at 8K-128K. Off by default: the host time, and the GPU figures
-            with ``local_blocks`` are not measured yet.
+            44.21 at 0.174), pass keys 10/10 at 8K and 32K but 9/10 at 16K (all without
+            ``local_blocks``; with it, 10/10 at 16K on CPU); selection time (Llama shape)
+            +1.2-3.7 ms GPU and ~+3 ms host per call at 8K-128K. Off by default: the host
+            time, and with ``local_blocks=1`` the plain default is as good on CPU (README).
         fit_query_blocks: query blocks sampled by the fit, evenly spaced from a quarter of
             the query blocks to the last one (``output_error`` only).
         fit_tokens: query tokens per sampled block, evenly spaced in it; a multiple of 16
@@ -129,7 +131,7 @@ class PrismConfig:
     force_diagonal: bool = True
     dense_final_blocks: int = 0
     final_block_pool: int = 16
-    local_blocks: Optional[int] = None
+    local_blocks: int = 1
     output_error: Optional[float] = None
     fit_query_blocks: int = 4
     fit_tokens: int = 32
@@ -171,8 +173,7 @@ class PrismConfig:
                 f"PrismConfig.final_block_pool must be 0 or an int dividing block_size "
                 f"({self.block_size}), got {self.final_block_pool!r}"
             )
-        if self.local_blocks is not None:
-            self._check_int("local_blocks", 0)
+        self._check_int("local_blocks", 0)
         if self.output_error is not None and (
                 not _is_real(self.output_error) or not (0.0 < self.output_error <= 1.0)):
             raise ValueError(
@@ -197,13 +198,6 @@ class PrismConfig:
         value = getattr(self, name)
         if not _is_int(value) or value < minimum:
             raise ValueError(f"PrismConfig.{name} must be an int >= {minimum}, got {value!r}")
-
-    def local_block_count(self) -> int:
-        """``local_blocks`` resolved: its value, or for ``None`` 1 with ``output_error`` and 0
-        without."""
-        if self.local_blocks is not None:
-            return self.local_blocks
-        return 0 if self.output_error is None else 1
 
     def band_dims(self, head_dim: int) -> tuple[int, int]:
         """``(high_dims, low_dims)`` for a head dim, defaults resolved and checked against it."""

@@ -38,7 +38,7 @@ def prism_attention_op(
     force_diagonal: bool,
     dense_final_blocks: int,
     final_block_pool: int,
-    local_blocks: Optional[int],
+    local_blocks: int,
     output_error: Optional[float],
     fit_query_blocks: int,
     fit_tokens: int,

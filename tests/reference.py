@@ -196,7 +196,7 @@ def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Ten
                     chosen.add(0)
                 if config.force_diagonal:
                     chosen |= set(torch.nonzero(diagonal[i]).flatten().tolist())
-                local = config.local_block_count()
+                local = config.local_blocks
                 if local:
                     first = int(torch.nonzero(diagonal[i]).min())
                     chosen |= set(range(max(0, first - local), first))
@@ -250,8 +250,7 @@ def fit_tokens(row: int, q_len: int, block_size: int, tokens: int) -> list[int]:
 def fitted_selection(q, k, v, config: PrismConfig, scale=None):
     """Selection with ``config.output_error``: per (batch, head), the smallest candidate
     threshold (``prism_flex.fit.FIT_THRESHOLDS``, both bands; ``final_block_pool``'s row at
-    the larger configured threshold; ``local_blocks`` as resolved with the fit on) whose
-    selection keeps the sampled
+    the larger configured threshold) whose selection keeps the sampled
     tokens' attention output within relative error ``output_error`` (Frobenius norm over the
     sampled tokens and dims) of their exact output; then that threshold's selection.
 
@@ -268,8 +267,7 @@ def fitted_selection(q, k, v, config: PrismConfig, scale=None):
     hkv, lkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nq = num_blocks(lq, bs)
-    # the same selection with fixed thresholds (local_blocks resolved as with the fit on)
-    plain = replace(config, output_error=None, local_blocks=config.local_block_count())
+    plain = replace(config, output_error=None)
     # final_block_pool's row keeps the configured threshold: only the bands' is fitted
     fine = max(config.high_threshold, config.low_threshold)
     tables = [selection(q, k, replace(plain, high_threshold=t, low_threshold=t), fine)

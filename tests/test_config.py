@@ -44,6 +44,7 @@ def test_explicit_band_dims():
         ("output_error", 0.0), ("output_error", 1.5), ("output_error", "0.1"),
         ("output_error", float("nan")), ("output_error", True),
         ("local_blocks", -1), ("local_blocks", 1.0), ("local_blocks", True),
+        ("local_blocks", None),
         ("fit_query_blocks", 0), ("fit_query_blocks", 2.0),
         ("fit_tokens", 0), ("fit_tokens", 24), ("fit_tokens", 32.0),
     ],
@@ -69,10 +70,3 @@ def test_bad_head_dim(head_dim):
 def test_band_wider_than_head():
     with pytest.raises(ValueError, match="low_band_dims"):
         PrismConfig(low_band_dims=96).band_dims(64)
-
-
-def test_local_blocks_default_follows_the_fit():
-    assert PrismConfig().local_block_count() == 0
-    assert PrismConfig(output_error=0.1).local_block_count() == 1
-    assert PrismConfig(output_error=0.1, local_blocks=0).local_block_count() == 0
-    assert PrismConfig(local_blocks=2).local_block_count() == 2

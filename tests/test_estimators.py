@@ -140,7 +140,7 @@ def test_subpool_at_block_granularity_is_meanpool(lq, lkv):
     import dataclasses
 
     q, k = _qk(lq, lkv, seed=3)
-    cfg = dataclasses.replace(_cfg(0.8), dense_final_blocks=0, final_block_pool=0)
+    cfg = dataclasses.replace(_cfg(0.8), dense_final_blocks=0, final_block_pool=0, local_blocks=0)
     want = E.meanpool_table(q, k, cfg)
     probs = E.subpool_block_probs(q, k, BS, BS, BS)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
