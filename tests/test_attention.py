@@ -108,13 +108,20 @@ def test_threshold_one_equals_dense_causal_sdpa(p):
     assert torch.all(density == 1.0)
 
 
-@given(p=problems(), n=st.integers(1, 3))
-def test_dense_final_blocks_match_reference(p, n):
-    cfg = dataclasses.replace(CFG, dense_final_blocks=n)
+def _table_checked_against_reference(p, cfg):
+    """The eager mask of problem ``p`` as a dense bool table, asserted equal to the
+    reference selection (rows at a top-p decision flip excepted)."""
     q, k, _ = _qkv(p)
     table = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
     want, margin = ref.selection(q, k, cfg)
     assert_tables_equal(table, want, margin)
+    return table
+
+
+@given(p=problems(), n=st.integers(1, 3))
+def test_dense_final_blocks_match_reference(p, n):
+    cfg = dataclasses.replace(CFG, dense_final_blocks=n)
+    table = _table_checked_against_reference(p, cfg)
     allowed, _ = ref.causal_blocks(p["lq"], p["lkv"], cfg.block_size)
     assert torch.equal(table[:, :, -n:], allowed[-n:].expand_as(table[:, :, -n:]))
 
@@ -122,10 +129,7 @@ def test_dense_final_blocks_match_reference(p, n):
 @given(p=problems(), local=st.integers(0, 3))
 def test_local_blocks_match_reference_and_are_always_kept(p, local):
     cfg = dataclasses.replace(CFG, local_blocks=local)
-    q, k, _ = _qkv(p)
-    table = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
-    want, margin = ref.selection(q, k, cfg)
-    assert_tables_equal(table, want, margin)
+    table = _table_checked_against_reference(p, cfg)
     _, diagonal = ref.causal_blocks(p["lq"], p["lkv"], cfg.block_size)
     for i in range(diagonal.shape[0]):
         first = int(diagonal[i].nonzero().min())
@@ -137,11 +141,9 @@ def test_local_blocks_match_reference_and_are_always_kept(p, local):
 def test_final_block_pool_matches_reference(p, pool, thresholds):
     cfg = dataclasses.replace(CFG, dense_final_blocks=0, final_block_pool=pool,
                               high_threshold=thresholds[0], low_threshold=thresholds[1])
-    q, k, _ = _qkv(p)
-    table = prism_block_mask(q, k, cfg, compiled=False).to_dense().bool()
-    want, margin = ref.selection(q, k, cfg)
-    assert_tables_equal(table, want, margin)
+    table = _table_checked_against_reference(p, cfg)
     # Only the last query block gains blocks.
+    q, k, _ = _qkv(p)
     plain = prism_block_mask(q, k, dataclasses.replace(cfg, final_block_pool=0),
                              compiled=False).to_dense().bool()
     assert torch.equal(table[:, :, :-1], plain[:, :, :-1])
