@@ -30,7 +30,8 @@ block also takes the top-p of a 16-token sub-block scoring, the cheap alternativ
 ``output_error = 1 - threshold``, the per-head threshold fit (prism_flex/fit.py; ``--fit``
 overrides its fields, recorded as ``fit`` in the JSON; ``--fit local_blocks=0`` gives the
 runs made before 2026-12-01). ``prism_local``: ``prism_finelast`` with ``local_blocks=1``,
-**the library default since 2026-12-01**. ``meanvar``, ``tcal``, ``pcal`` and
+**the library default since 2026-12-01**. ``xattn_local``: ``xattn`` with the same local
+block (``local_blocks=1``), to see whether the peer gains from it too. ``meanvar``, ``tcal``, ``pcal`` and
 ``ecal``: the budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
 :func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
 :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
@@ -70,7 +71,7 @@ from prism_flex import PrismConfig
 
 SPARSE = (
     "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit", "prism_local",
+    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit", "prism_local", "xattn_local",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -129,8 +130,8 @@ BUDGET = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table
 
 
 def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
-    if method == "xattn":
-        return E.xattn_table(q, k, thr, bs, stride)
+    if method in ("xattn", "xattn_local"):
+        return E.xattn_table(q, k, thr, bs, stride, local_blocks=int(method == "xattn_local"))
     if method in SUBPOOL:
         return E.subpool_table(q, k, thr, bs, *SUBPOOL[method])
     if method in BUDGET:
@@ -268,8 +269,9 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     # so a name is never registered twice (ppl and needle, or several lengths, in one run)
     name = f"acc_{method}_{thr}_{next(_NAMES)}"
     bs = args.block_size
-    if method == "xattn":
-        E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride)
+    if method in ("xattn", "xattn_local"):
+        E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride,
+                         local_blocks=int(method == "xattn_local"))
     elif method in SUBPOOL:
         q_sub, k_sub = SUBPOOL[method]
         E.register_table_method(name, E.make_table_attention_function(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from prism_flex import PrismConfig, prism_block_mask, sparse_attention
 from prism_flex.block_mask import block_mask_from_tables, compact_blocks
-from prism_flex.scoring import causal_block_geometry, pool_blocks
+from prism_flex.scoring import causal_block_geometry, pool_blocks, rows_diagonal_range
 from prism_flex.selection import combine_selection, top_p_select
 
 __all__ = [
@@ -246,16 +246,30 @@ def xattn_block_probs(
 
 def xattn_table(
     q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, stride: int = 8,
-    *, scale: Optional[float] = None,
+    *, scale: Optional[float] = None, local_blocks: int = 0,
 ) -> Tensor:
     """XAttention-style selection: per query block, the top-p (``threshold``, Prism's rule:
     keep while the mass ranked before is below it) of :func:`xattn_block_probs`, plus sink and
-    diagonal, causal. Bool ``(B, Hq, Nq, Nk)``."""
+    diagonal, causal; ``local_blocks`` > 0 also keeps that many key blocks right before each
+    row's diagonal (``PrismConfig.local_blocks``, to compare the peer with the same forced
+    blocks). Bool ``(B, Hq, Nq, Nk)``."""
     probs = xattn_block_probs(q, k, block_size, stride, scale=scale)
     allowed, _ = geometry(q.shape[2], k.shape[2], block_size, q.device)
     probs = probs.masked_fill(~allowed, 0.0)
     selected = top_p_select(probs, threshold)
+    if local_blocks:
+        selected = selected | local_table(q.shape[2], k.shape[2], block_size, local_blocks,
+                                          q.device)
     return finalize(selected, q.shape[2], k.shape[2], block_size)
+
+
+def local_table(q_len: int, kv_len: int, bs: int, local_blocks: int, device) -> Tensor:
+    """Bool ``(Nq, Nk)``: the ``local_blocks`` key blocks right before each query block's first
+    diagonal block (what ``PrismConfig.local_blocks`` forces)."""
+    nq, nk = _num_blocks(q_len, bs), _num_blocks(kv_len, bs)
+    first, _ = rows_diagonal_range(torch.arange(nq, device=device), q_len, kv_len, bs)
+    cols = torch.arange(nk, device=device)[None, :]
+    return (cols < first[:, None]) & (cols >= first[:, None] - local_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,11 +635,12 @@ def make_table_attention_function(
 
 def make_xattn_attention_function(
     threshold: float, block_size: int = 128, stride: int = 8, *, dense_below: int = 1024,
-    compiled: bool = True,
+    compiled: bool = True, local_blocks: int = 0,
 ):
     """The XAttention-style estimator as an ``AttentionInterface`` function."""
     return make_table_attention_function(
-        lambda q, k, scale: xattn_table(q, k, threshold, block_size, stride, scale=scale),
+        lambda q, k, scale: xattn_table(q, k, threshold, block_size, stride, scale=scale,
+                                        local_blocks=local_blocks),
         block_size, dense_below=dense_below, compiled=compiled,
     )
 

@@ -61,6 +61,25 @@ def test_threshold_one_is_all_visible_blocks():
     assert torch.equal(E.density(full, 90, 120, BS), torch.ones(1, 4))
 
 
+@pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150), (16, 150)])
+def test_xattn_local_adds_the_blocks_before_the_diagonal(lq, lkv):
+    q, k = _qk(lq, lkv)
+    local = E.local_table(lq, lkv, BS, 1, q.device)
+    allowed, diagonal = E.geometry(lq, lkv, BS, q.device)
+    # one block per row, right before the row's first diagonal block (none before block 0)
+    first = diagonal.int().argmax(-1)
+    for r in range(local.shape[0]):
+        want = {int(first[r]) - 1} if first[r] > 0 else set()
+        assert set(local[r].nonzero().flatten().tolist()) == want, r
+    plain = E.xattn_table(q, k, 0.5, BS, stride=4)
+    got = E.xattn_table(q, k, 0.5, BS, stride=4, local_blocks=1)
+    assert torch.equal(got, plain | (local & allowed))
+    # the library keeps the same blocks (the sparsest Prism table, threshold ~0)
+    tiny = PrismConfig(block_size=BS, high_threshold=1e-6, low_threshold=1e-6,
+                       final_block_pool=0, local_blocks=1)
+    assert (E.prism_table(q, k, tiny) | ~local).all()
+
+
 def test_oracle_full_density_and_recall_of_all_blocks():
     q, k = _qk(100, 100)
     allowed, _ = E.geometry(100, 100, BS, q.device)
