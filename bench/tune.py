@@ -92,11 +92,11 @@ def two_stage_mask(q, k, cfg):
     q_len, kv_len = q.shape[2], k.shape[2]
     nq = (q_len + bs - 1) // bs
     q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
-    scores = A._compiled_stage("score")(q_pool, k_pool, cfg, cfg.high_temperature,
-                                        cfg.low_temperature)
+    scores = A._stage("score", True)(q_pool, k_pool, cfg, cfg.high_temperature,
+                                     cfg.low_temperature)
     if cfg.final_block_pool:
         scores = dict(scores, **A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool))
-    return A._compiled_stage("tables")(
+    return A._stage("tables", True)(
         scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold,
         A._fine_threshold(cfg),
     )
@@ -147,7 +147,7 @@ def run_host(lengths, out, cfg):
         fine = lambda: (A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool)  # noqa: E731
                         if cfg.final_block_pool else {})
         fine_inputs = fine()
-        stage = A._compiled_stage("mask")
+        stage = A._stage("mask", True)
         tables = stage(*marked, fine_inputs, L, L, cfg, *temps, *thrs)
         fns = {
             "whole_call": lambda: prism_flex.prism_block_mask(q, k, cfg),

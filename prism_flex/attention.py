@@ -13,11 +13,11 @@ nothing and never touches CUDA):
   rows at every candidate threshold, buckets, pieces, tables); the fit's ``flex_attention``
   on CUDA (elsewhere ``fit.fit_attention_plain``, eager: the CPU kernel returns no
   log-sum-exp);
-  ``fitted_thresholds``; then ``_select_tables`` with per-head threshold tensors;
+  ``_fitted_thresholds``; then ``_select_tables`` with per-head threshold tensors;
 - ``flex_attention`` itself.
 
 All are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
-sequence length. Inside a model that the user compiles, ``prism_attention`` becomes one opaque
+sequence length, while the config's integers stay constants (``_StaticConfig``). Inside a model that the user compiles, ``prism_attention`` becomes one opaque
 custom op that runs these same stages (``graph_op.py`` says why); ``prism_block_mask`` and
 ``sparse_attention`` called there are traced inline.
 """
@@ -137,6 +137,7 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig) -> dict[str, Tensor]
 
 
 def _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature):
+    config = _config_of(config)
     # The float knobs travel as arguments, not as config attributes: torch.compile treats
     # float arguments as inputs but attributes as constants (one recompilation per value).
     high_dims, low_dims = config.band_dims(q_pool.shape[-1])
@@ -226,6 +227,7 @@ def _select_blocks(scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_
 def _select_tables(scores, row_start, num_rows, q_len, kv_len, config, high_thr, low_thr,
                    fine_thr):
     """Selection followed by compaction into partial (diagonal) and full index tables."""
+    config = _config_of(config)
     rows = torch.arange(num_rows, device=scores["q_high"].device) + row_start
     selected, allowed, diagonal = _select_blocks(
         scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_thr
@@ -249,14 +251,21 @@ def _mask_tables(q_pool, k_pool, fine, q_len, kv_len, config, high_temperature,
     """Scoring and selection of all query blocks in one graph (the unchunked case): one
     compiled call instead of two, which matters at short lengths where host time dominates.
     ``fine``: the finer pooled tensors of ``config.final_block_pool`` (empty when off)."""
+    config = _config_of(config)
     scores = _score_inputs(q_pool, k_pool, config, high_temperature, low_temperature)
     scores.update(fine)
     return _select_tables(scores, 0, q_pool.shape[2], q_len, kv_len, config, high_thr, low_thr,
                           fine_thr)
 
 
-def _fit_inputs(scores, q, grid, q_len, kv_len, config, fine_thr):
-    return fit.fit_inputs(_select_blocks, scores, q, grid, q_len, kv_len, config, fine_thr)
+def _fit_inputs(scores, q, grid, rows, pos, q_len, kv_len, config, fine_thr):
+    return fit.fit_inputs(_select_blocks, scores, q, grid, rows, pos, q_len, kv_len,
+                          _config_of(config), fine_thr)
+
+
+def _fitted_thresholds(out, lse, piece_bucket, grid, config, output_error):
+    return fit.fitted_thresholds(out, lse, piece_bucket, grid, _config_of(config).fit_tokens,
+                                 output_error)
 
 
 _STAGES = {
@@ -264,9 +273,43 @@ _STAGES = {
     "tables": _select_tables,
     "mask": _mask_tables,
     "fit": _fit_inputs,
-    "fitted": fit.fitted_thresholds,
+    "fitted": _fitted_thresholds,
     "flex": flex_attention,
 }
+
+
+class _StaticConfig(torch.nn.Module):
+    """A :class:`PrismConfig` that the compiled stages see as constants.
+
+    The stages compile with ``dynamic=True`` so that new lengths do not recompile, and then
+    dynamo makes *every* int it is given a symbol, the config's too (block size, band
+    widths, sample counts, ...): kernels divide by runtime values, and on CPU inductor's
+    simplification of the resulting index expressions took minutes for the threshold fit's
+    gathers (232 s to compile its stages at 700 tokens). Integer attributes of an
+    ``nn.Module`` are dynamo's exception: it treats them as static (its recompile hint says
+    so). So the compiled stages receive the config inside one of these; another config
+    compiles them again, as another constant should. Eager stages get the config itself.
+    """
+
+    def __init__(self, config: PrismConfig):
+        super().__init__()
+        self.config = config
+
+
+def _config_of(config) -> PrismConfig:
+    """The config of a stage argument: a :class:`PrismConfig` or a :class:`_StaticConfig`."""
+    return config.config if isinstance(config, _StaticConfig) else config
+
+
+@functools.lru_cache(maxsize=64)
+def _static_config(config: PrismConfig) -> _StaticConfig:
+    return _StaticConfig(config)
+
+
+def _run_compiled(name: str, *args, **kwargs):
+    """Stage ``name`` compiled, with its config argument made constant (_StaticConfig)."""
+    args = tuple(_static_config(a) if isinstance(a, PrismConfig) else a for a in args)
+    return _compiled_stage(name)(*args, **kwargs)
 
 
 def _stage(name: str, compiled: bool):
@@ -275,7 +318,7 @@ def _stage(name: str, compiled: bool):
     own compiled version."""
     if not compiled or torch.compiler.is_compiling():
         return _STAGES[name]
-    return _compiled_stage(name)
+    return functools.partial(_run_compiled, name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,8 +427,13 @@ def prism_block_mask(
 def _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled) -> Tensor:
     """The fitted top-p threshold of each (batch, head), float32 ``(B, Hq)`` (``fit.py``)."""
     grid = _fit_grid(q.device)
+    samples = (q_len, config.block_size, config.fit_query_blocks, config.fit_tokens, q.device)
+    # traced inline by the user's compile: plain ops in their graph, no cache
+    make = _make_fit_samples if torch.compiler.is_compiling() else _fit_samples
+    rows, pos = make(*samples)
     q_fit, piece_of, piece_bucket, num, idx, key_pos = _stage("fit", compiled)(
-        scores, *_lengths_only_dynamic(q), grid, q_len, kv_len, config, _fine_threshold(config)
+        scores, *_lengths_only_dynamic(q), grid, rows, pos, q_len, kv_len, config,
+        _fine_threshold(config),
     )
     if not compiled or q.device.type != "cuda" or torch.compiler.is_compiling():
         # The compiled CPU FlexAttention returns no log-sum-exp, and eager FlexAttention
@@ -404,7 +452,7 @@ def _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled) -> 
             kernel_options=options, return_aux=AuxRequest(lse=True),
         )
         lse = aux.lse
-    return _stage("fitted", compiled)(out, lse, piece_bucket, grid, config.fit_tokens,
+    return _stage("fitted", compiled)(out, lse, piece_bucket, grid, config,
                                       float(config.output_error))
 
 
@@ -414,6 +462,27 @@ def _fit_grid(device: torch.device) -> Tensor:
     the compiled graph, it was copied from the host at every call, and that copy waited for
     the GPU (3-9 ms of host time per call on the H200)."""
     return torch.tensor(fit.FIT_THRESHOLDS, dtype=torch.float32, device=device)
+
+
+def _make_fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """The fit's sampled query blocks and tokens (``fit.fit_rows``, ``fit.fit_positions``),
+    int64 ``(S,)`` and ``(S, m)``."""
+    rows = fit.fit_rows((q_len + block_size - 1) // block_size, samples, device)
+    return rows, fit.fit_positions(rows, q_len, block_size, tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_make_fit_samples`, made eagerly once per query length and device: as inputs
+    of the compiled fit stage they are loaded, not folded into its index arithmetic (see
+    ``fit.fit_inputs``). Their sizes are constants of the config."""
+    rows, pos = _make_fit_samples(q_len, block_size, samples, tokens, device)
+    torch._dynamo.mark_static(rows, 0)
+    torch._dynamo.mark_static(pos, 0)
+    torch._dynamo.mark_static(pos, 1)
+    return rows, pos
 
 
 def _lengths_only_dynamic(*tensors: Tensor, head_dim: bool = True) -> tuple[Tensor, ...]:

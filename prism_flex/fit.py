@@ -68,8 +68,8 @@ def fit_positions(rows: Tensor, q_len, block_size: int, tokens: int) -> Tensor:
     return start[:, None] + ((2 * i[None, :] + 1) * length[:, None]) // (2 * tokens)
 
 
-def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, config,
-               fine_thr: float):
+def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, rows: Tensor, pos: Tensor,
+               q_len, kv_len, config, fine_thr: float):
     """Buckets, pieces, index tables and repeated queries of the fit.
 
     A bucket can hold most of a row's key blocks (those only the last candidates select);
@@ -84,6 +84,10 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, con
         scores: :func:`prism_flex.attention.score_inputs` of the call.
         q: ``(B, Hq, Lq, D)``; grid: float32 ``(T,)``, :data:`FIT_THRESHOLDS` on q's device
             (an input, not built here: a host-to-device copy would wait for the GPU).
+        rows, pos: :func:`fit_rows` and :func:`fit_positions` of the call, int64 ``(S,)``
+            and ``(S, m)``. Inputs, not computed here: compiled, their arithmetic on the
+            symbolic length was folded into the index expression of every gather that reads
+            them, and inductor's CPU backend took minutes to simplify those.
         fine_thr: the top-p threshold of ``final_block_pool``'s row (not fitted).
     Returns:
         ``(q_fit, piece_of, piece_bucket, num, idx, key_pos)``: ``q_fit`` ``(B, Hq, S * P * m,
@@ -97,13 +101,11 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, con
         config.fit_query_blocks``, ``T = len(FIT_THRESHOLDS)``, ``P = T + FIT_SPLIT``, ``m =
         config.fit_tokens``.
     """
-    bs, samples, m = config.block_size, config.fit_query_blocks, config.fit_tokens
+    samples, m = config.fit_query_blocks, config.fit_tokens
     t_count = len(FIT_THRESHOLDS)
     n_pieces = t_count + FIT_SPLIT
     device = q.device
-    nq = (q_len + bs - 1) // bs
     nk = scores["k_high"].shape[2]
-    rows = fit_rows(nq, samples, device)
     # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
     thr = grid.repeat(samples)[:, None]
     selected, _, _ = select(scores, rows.repeat_interleave(t_count), q_len, kv_len, config,
@@ -123,7 +125,6 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, q_len, kv_len, con
     piece_bucket = (end[:, :, :, None, :] <= cols[:, None]).sum(-1, dtype=torch.int32)
     member = piece_of[:, :, :, None, :] == cols[:, None]  # (B, H, S, P, Nk)
     num, idx = compact_blocks(member.flatten(2, 3))
-    pos = fit_positions(rows, q_len, bs, m)  # (S, m)
     q_fit = q[:, :, pos.flatten()].unflatten(2, (samples, 1, m))
     q_fit = q_fit.expand(-1, -1, -1, n_pieces, -1, -1).flatten(2, 4)
     key_pos = (pos + (kv_len - q_len))[:, None, :].expand(-1, n_pieces, -1).flatten()

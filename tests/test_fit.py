@@ -119,8 +119,10 @@ def test_pieces_partition_each_bucket_into_short_runs(nk, samples, seed):
     q = torch.randn(1, 2, nk * bs, 8)
     scores = {"k_high": torch.zeros(1, 2, nk, 4)}
     grid = torch.tensor(FIT_THRESHOLDS)
-    _, piece_of, piece_bucket, num, idx, _ = fit_inputs(select, scores, q, grid, nk * bs,
-                                                        nk * bs, cfg, 0.95)
+    rows = fit_rows(nk, samples, "cpu")
+    pos = fit_positions(rows, nk * bs, bs, 16)
+    _, piece_of, piece_bucket, num, idx, _ = fit_inputs(select, scores, q, grid, rows, pos,
+                                                        nk * bs, nk * bs, cfg, 0.95)
     size = -(-nk // FIT_SPLIT)
     visible = first < t_count
     assert torch.equal(piece_of < n_pieces, visible)
@@ -144,14 +146,17 @@ def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
     lists of fit_block_mask, whose agreement with the pieces test_pieces_... checks)."""
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-    from prism_flex.attention import _fit_grid, _fit_inputs, _fine_threshold, score_inputs
+    from prism_flex.attention import (_fine_threshold, _fit_grid, _fit_inputs, _fit_samples,
+                                      score_inputs)
     from prism_flex.fit import FIT_SPLIT, fit_attention_plain
 
     q, k, v = _qkv(p)
     cfg = CFG
     scores = score_inputs(q, k, cfg)
-    q_fit, piece_of, _, _, _, key_pos = _fit_inputs(scores, q, _fit_grid(q.device), p["lq"],
-                                                    p["lkv"], cfg, _fine_threshold(cfg))
+    rows, pos = _fit_samples(p["lq"], cfg.block_size, cfg.fit_query_blocks, cfg.fit_tokens,
+                             q.device)
+    q_fit, piece_of, _, _, _, key_pos = _fit_inputs(scores, q, _fit_grid(q.device), rows, pos,
+                                                    p["lq"], p["lkv"], cfg, _fine_threshold(cfg))
     m, n_pieces = cfg.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
 
     def in_piece(b, h, q_idx, kv_idx):
