@@ -31,10 +31,11 @@ block also takes the top-p of a 16-token sub-block scoring, the cheap alternativ
 overrides its fields, recorded as ``fit`` in the JSON; ``--fit local_blocks=0`` gives the
 runs made before 2026-12-01). ``prism_local``: ``prism_finelast`` with ``local_blocks=1``,
 **the library default since 2026-12-01**. ``xattn_local``: ``xattn`` with the same local
-block (``local_blocks=1``), to see whether the peer gains from it too. ``meanvar``, ``tcal``, ``pcal`` and
-``ecal``: the budget experiments of ``bench.gap`` (:func:`bench.estimators.meanvar_table`,
-:func:`bench.estimators.tcal_table`, :func:`bench.estimators.pcal_table`,
-:func:`bench.estimators.ecal_table`; ``ecal`` uses V, so it has no recall rows).
+block (``local_blocks=1``), to see whether the peer gains from it too. ``meanvar``, ``tcal``,
+``pcal`` and ``ecal``: the budget experiments of ``bench.gap``
+(:func:`bench.estimators.meanvar_table`, :func:`bench.estimators.tcal_table`,
+:func:`bench.estimators.pcal_table`, :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so
+it has no recall rows).
 Output JSON::
 
     {"model": ..., "text": ..., "rows": [{"model", "task", "L", "method", "density", "value",

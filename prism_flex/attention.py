@@ -17,9 +17,10 @@ nothing and never touches CUDA):
 - ``flex_attention`` itself.
 
 All are ``torch.compile(fullgraph=True, dynamic=True)``: one compilation serves every
-sequence length, while the config's integers stay constants (``_StaticConfig``). Inside a model that the user compiles, ``prism_attention`` becomes one opaque
-custom op that runs these same stages (``graph_op.py`` says why); ``prism_block_mask`` and
-``sparse_attention`` called there are traced inline.
+sequence length, while the config's integers stay constants (``_StaticConfig``). Inside a
+model that the user compiles, ``prism_attention`` becomes one opaque custom op that runs these
+same stages (``graph_op.py`` says why); ``prism_block_mask`` and ``sparse_attention`` called
+there are traced inline.
 """
 
 from __future__ import annotations
