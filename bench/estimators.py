@@ -34,7 +34,7 @@ from torch import Tensor
 
 from prism_flex import PrismConfig, prism_block_mask, sparse_attention
 from prism_flex.block_mask import block_mask_from_tables, compact_blocks
-from prism_flex.scoring import causal_block_geometry, pool_blocks, rows_diagonal_range
+from prism_flex.scoring import causal_block_geometry, local_blocks_table, pool_blocks
 from prism_flex.selection import combine_selection, top_p_select
 
 __all__ = [
@@ -264,12 +264,10 @@ def xattn_table(
 
 
 def local_table(q_len: int, kv_len: int, bs: int, local_blocks: int, device) -> Tensor:
-    """Bool ``(Nq, Nk)``: the ``local_blocks`` key blocks right before each query block's first
-    diagonal block (what ``PrismConfig.local_blocks`` forces)."""
-    nq, nk = _num_blocks(q_len, bs), _num_blocks(kv_len, bs)
-    first, _ = rows_diagonal_range(torch.arange(nq, device=device), q_len, kv_len, bs)
-    cols = torch.arange(nk, device=device)[None, :]
-    return (cols < first[:, None]) & (cols >= first[:, None] - local_blocks)
+    """Bool ``(Nq, Nk)``: the blocks ``PrismConfig.local_blocks`` forces, for all query
+    blocks (:func:`prism_flex.scoring.local_blocks_table`)."""
+    rows = torch.arange(_num_blocks(q_len, bs), device=device)
+    return local_blocks_table(rows, _num_blocks(kv_len, bs), q_len, kv_len, bs, local_blocks)
 
 
 # ---------------------------------------------------------------------------------------------

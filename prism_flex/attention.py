@@ -45,9 +45,9 @@ from .scoring import (
     block_softmax,
     diagonal_range,
     final_block_probs,
+    local_blocks_table,
     pool_blocks,
     rows_block_geometry,
-    rows_diagonal_range,
 )
 from .selection import combine_selection, top_p_select
 
@@ -206,12 +206,9 @@ def _select_blocks(scores, rows, q_len, kv_len, config, high_thr, low_thr, fine_
     dense_rows = extra = None
     if config.dense_final_blocks:
         dense_rows = rows >= nq - config.dense_final_blocks
-    local = config.local_blocks
-    if local:
-        # (R, Nk): the `local` key blocks right before each row's first diagonal block
-        first, _ = rows_diagonal_range(rows, q_len, kv_len, config.block_size)
-        cols = torch.arange(nk, device=rows.device)[None, :]
-        extra = (cols < first[:, None]) & (cols >= first[:, None] - local)
+    if config.local_blocks:
+        extra = local_blocks_table(rows, nk, q_len, kv_len, config.block_size,
+                                   config.local_blocks)
     if config.final_block_pool:
         probs = final_block_probs(scores["q_final"], scores["k_fine"], q_len, kv_len,
                                   config.block_size, config.final_block_pool)
@@ -428,10 +425,10 @@ def prism_block_mask(
 def _fit_thresholds(q, k, v, scores, q_len, kv_len, config, scale, compiled) -> Tensor:
     """The fitted top-p threshold of each (batch, head), float32 ``(B, Hq)`` (``fit.py``)."""
     grid = _fit_grid(q.device)
-    samples = (q_len, config.block_size, config.fit_query_blocks, config.fit_tokens, q.device)
     # traced inline by the user's compile: plain ops in their graph, no cache
     make = _make_fit_samples if torch.compiler.is_compiling() else _fit_samples
-    rows, pos = make(*samples)
+    rows, pos = make(q_len, config.block_size, config.fit_query_blocks, config.fit_tokens,
+                     q.device)
     q_fit, piece_of, piece_bucket, num, idx, key_pos = _stage("fit", compiled)(
         scores, *_lengths_only_dynamic(q), grid, rows, pos, q_len, kv_len, config,
         _fine_threshold(config),

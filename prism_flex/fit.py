@@ -12,12 +12,12 @@ blocks carry values close to its output stops early.
 How, in one FlexAttention call (on CUDA). The candidates (:data:`FIT_THRESHOLDS`) are nested:
 a higher threshold selects a superset (top-p is a prefix of the sorted blocks; the sink,
 diagonal, local and final-row extras do not depend on it). So each visible key block of a
-sampled query block has a *bucket*, the first candidate that selects it. The sampled queries are repeated once per
-piece of a bucket (:func:`fit_inputs`), each copy attending only to its piece's key blocks (a
-``BlockMask`` whose query blocks are ``fit_tokens`` rows), with the log-sum-exp returned;
-prefix sums over the buckets
-then give the output at every candidate, and the sum over all of them is the exact output
-(the last candidate, 1.0, selects every visible block). Each key block is read once per
+sampled query block has a *bucket*, the first candidate that selects it. The sampled queries
+are repeated once per piece of a bucket (:func:`fit_inputs`), each copy attending only to its
+piece's key blocks (a ``BlockMask`` whose query blocks are ``fit_tokens`` rows), with the
+log-sum-exp returned; prefix sums over the buckets then give the output at every candidate,
+and the sum over all of them is the exact output (the last candidate, 1.0, selects every
+visible block). Each key block is read once per
 sampled query block: the cost is the exact attention of ``fit_query_blocks x fit_tokens``
 queries per head, and memory is O(those queries x candidates x D).
 

@@ -23,6 +23,7 @@ __all__ = [
     "diagonal_range",
     "causal_block_geometry",
     "rows_diagonal_range",
+    "local_blocks_table",
     "rows_block_geometry",
     "block_softmax",
     "final_block_probs",
@@ -140,6 +141,15 @@ def diagonal_range(row_start, num_rows, q_len, kv_len, block_size: int, device):
     """
     rows = torch.arange(num_rows, device=device) + row_start
     return rows_diagonal_range(rows, q_len, kv_len, block_size)
+
+
+def local_blocks_table(rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int,
+                       count: int) -> Tensor:
+    """Bool ``(R, Nk)``: the ``count`` key blocks right before the first diagonal block of
+    each query block in ``rows`` (``PrismConfig.local_blocks``)."""
+    first, _ = rows_diagonal_range(rows, q_len, kv_len, block_size)
+    cols = torch.arange(num_kv_blocks, device=rows.device)[None, :]
+    return (cols < first[:, None]) & (cols >= first[:, None] - count)
 
 
 def rows_diagonal_range(rows: Tensor, q_len, kv_len, block_size: int):
