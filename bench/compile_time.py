@@ -1,0 +1,59 @@
+"""Cold compile time of Prism's selection on this machine (CPU by default).
+
+Each run uses a fresh, empty inductor cache (a temporary directory, set before torch is
+imported), then times the first ``prism_block_mask`` call per ``Lq x Lkv`` pair and counts the
+graphs dynamo compiled. Uses only the public API, so it also times older commits::
+
+    python -m bench.compile_time --fit                      # the threshold fit's stages
+    python -m bench.compile_time --lengths 700x700 500x1025
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", nargs="+", default=["700x700"], help="LqxLkv pairs")
+    p.add_argument("--fit", action="store_true", help="output_error=0.1 (the threshold fit)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="prism_compile_time_")
+
+    import torch
+
+    from prism_flex import PrismConfig, prism_block_mask
+
+    # the configuration of tests/test_compiled.py (with and without the fit)
+    cfg = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8,
+                      dense_final_blocks=0, final_block_pool=32)
+    if args.fit:
+        cfg = PrismConfig(**{**cfg.__dict__, "output_error": 0.1, "fit_query_blocks": 3,
+                             "fit_tokens": 16})
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for pair in args.lengths:
+        lq, lkv = (int(x) for x in pair.split("x"))
+        q = torch.randn(1, 4, lq, 64, generator=g).to(args.device)
+        k = torch.randn(1, 2, lkv, 64, generator=g).to(args.device)
+        v = torch.randn(1, 2, lkv, 64, generator=g).to(args.device)
+        t = time.perf_counter()
+        prism_block_mask(q, k, cfg, v=v)
+        seconds = time.perf_counter() - t
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        rows.append(dict(lq=lq, lkv=lkv, fit=args.fit, first_call_s=seconds, graphs=graphs))
+        print(f"Lq={lq} Lkv={lkv} fit={args.fit}: first call {seconds:.1f} s, "
+              f"{graphs} graphs compiled so far", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
