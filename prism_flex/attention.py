@@ -285,8 +285,9 @@ class _StaticConfig(torch.nn.Module):
     simplification of the resulting index expressions dominated the threshold fit's
     compile (its stages at 700 tokens on 2 cores: 122 s, 55 s with this and ``_fit_samples``).
     Integer attributes of an ``nn.Module`` are dynamo's exception: it treats them as static
-    (its recompile hint says so). So the compiled stages receive the config inside one of these; another config
-    compiles them again, as another constant should. Eager stages get the config itself.
+    (its recompile hint says so). So the compiled stages receive the config inside one of
+    these; another config compiles them again, as another constant should. Eager stages get
+    the config itself.
     """
 
     def __init__(self, config: PrismConfig):
