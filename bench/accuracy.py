@@ -106,8 +106,10 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
                                    output_error=round(1.0 - thr, 6))
     # "prism" is the paper's method: no extra final-block or local selection (the library
     # default has final_block_pool=16, local_blocks=1).
+    # sparse_min_flops=0: the accuracy work measures the selection at every length (the
+    # library's dense dispatch of small calls is a speed rule, bench/ttft.py).
     cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0,
-                      final_block_pool=0, local_blocks=0)
+                      final_block_pool=0, local_blocks=0, sparse_min_flops=0)
     if method == "prism":
         return cfg
     if method == "prism_nocal":

@@ -31,7 +31,7 @@ def main(argv=None):
     from prism_flex import PrismConfig, prism_block_mask
 
     # the configuration of tests/test_compiled.py (with and without the fit)
-    cfg = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8,
+    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8,
                       dense_final_blocks=0, final_block_pool=32)
     if args.fit:
         cfg = PrismConfig(**{**cfg.__dict__, "output_error": 0.1, "fit_query_blocks": 3,

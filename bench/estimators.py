@@ -436,8 +436,8 @@ def _prism_band_fit_inputs(q: Tensor, k: Tensor, bs: int, sample_rows: int):
     q_len, kv_len = q.shape[2], k.shape[2]
     sc = score_inputs(q, k, PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0))
     allowed, forced = forced_blocks(q_len, kv_len, bs, q.device)
-    probs = [block_softmax(band_logits(sc[f"q_{b}"], sc[f"k_{b}"], sc[f"div_{b}"]), allowed)
-             for b in ("high", "low")]
+    probs = [block_softmax(band_logits(sc.q_high, sc.k_high, sc.div_high), allowed),
+             block_softmax(band_logits(sc.q_low, sc.k_low, sc.div_low), allowed)]
     nq = _num_blocks(q_len, bs)
     rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
     return probs, forced, rows

@@ -33,7 +33,10 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
 import prism_flex
-from prism_flex import attention as A
+from prism_flex import pipeline
+from prism_flex._compile import GraphedStage, Mode, run_stage
+from prism_flex.block_mask import compact_blocks, score_and_select_tables, select_tables
+from prism_flex.selection import Thresholds
 
 from .attention import dense_causal_block_mask, prism_config, random_causal_block_mask
 from .synthetic import SyntheticSpec, synthetic_qkv
@@ -88,18 +91,11 @@ def graph_replay_ms(fn) -> float | None:
 
 def two_stage_mask(q, k, cfg):
     """The same selection as two compiled graphs (scores, then tables)."""
-    bs = cfg.block_size
-    q_len, kv_len = q.shape[2], k.shape[2]
-    nq = (q_len + bs - 1) // bs
-    q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
-    scores = A._stage("score", True)(q_pool, k_pool, cfg, cfg.high_temperature,
-                                     cfg.low_temperature)
-    if cfg.final_block_pool:
-        scores = dict(scores, **A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool))
-    return A._stage("tables", True)(
-        scores, 0, nq, q_len, kv_len, cfg, cfg.high_threshold, cfg.low_threshold,
-        A._fine_threshold(cfg),
-    )
+    mode = Mode.COMPILED
+    pooled = pipeline.pool_inputs(q, k, cfg, mode)
+    scores = pipeline.band_scores(pooled, cfg, mode)
+    return run_stage(select_tables, mode, cfg, scores, 0, pooled.q_pool.shape[2], q.shape[2],
+                     k.shape[2], *Thresholds.of(cfg))
 
 
 def run_select(lengths, out, cfg, two_stage=True):
@@ -128,41 +124,36 @@ def run_select(lengths, out, cfg, two_stage=True):
 
 
 def run_host(lengths, out, cfg):
-    """Host (issue) time per call of the selection's pieces: eager pooling, the final-block
-    inputs (``final_block_pool``), the compiled graph alone (on pooled inputs), the BlockMask wrapper alone, and the whole call; with the
-    head-dim marks (``_lengths_only_dynamic``) and without them."""
+    """Host (issue) time per call of the selection's pieces: eager pooling (with the
+    final-block inputs of ``final_block_pool``), the compiled graph alone (on pooled inputs),
+    its CUDA-graph replay, the BlockMask wrapper alone, and the whole call."""
     from prism_flex.block_mask import block_mask_from_tables
 
     hq, hkv, d, base = LLAMA
     bs = cfg.block_size
     temps = (cfg.high_temperature, cfg.low_temperature)
-    thrs = (cfg.high_threshold, cfg.low_threshold, A._fine_threshold(cfg))
+    thrs = tuple(Thresholds.of(cfg))
+    mode = Mode.COMPILED
     rows = []
     for L in lengths:
         q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
         prism_flex.prism_block_mask(q, k, cfg)
-        q_pool, k_pool = A.pool_blocks(q, bs), A.pool_blocks(k, bs)
-        marked = A._lengths_only_dynamic(q_pool, k_pool)
-        nq = (L + bs - 1) // bs
-        fine = lambda: (A._final_block_inputs(q, k, nq, bs, cfg.final_block_pool)  # noqa: E731
-                        if cfg.final_block_pool else {})
-        fine_inputs = fine()
-        stage = A._stage("mask", True)
-        tables = stage(*marked, fine_inputs, L, L, cfg, *temps, *thrs)
+        pooled = pipeline.pool_inputs(q, k, cfg, mode)
+        args = (*pooled, L, L, *temps, *thrs)
+        tables = run_stage(score_and_select_tables, mode, cfg, *args)
+        graphed = GraphedStage(score_and_select_tables)
         fns = {
             "whole_call": lambda: prism_flex.prism_block_mask(q, k, cfg),
-            "pool_q_and_k": lambda: (A.pool_blocks(q, bs), A.pool_blocks(k, bs)),
-            "final_block_inputs": fine,
-            "marks": lambda: A._lengths_only_dynamic(q_pool, k_pool),
-            "compiled_marked": lambda: stage(*marked, fine_inputs, L, L, cfg, *temps, *thrs),
-            "compiled_unmarked": lambda: stage(q_pool, k_pool, fine_inputs, L, L, cfg, *temps,
-                                               *thrs),
+            "pool_inputs": lambda: pipeline.pool_inputs(q, k, cfg, mode),
+            "compiled_stage": lambda: run_stage(score_and_select_tables, mode, cfg, *args),
+            "graphed_stage": lambda: graphed(cfg, *args),
             "block_mask_from_tables": lambda: block_mask_from_tables(*tables, 0, L, L, bs),
             "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1)
                                          for _ in range(24)],
         }
         row = {"L": L}
         for name, fn in fns.items():
+            fn()
             fn()
             row[name] = round(min(host_us(fn) for _ in range(5)), 1)
         rows.append(row)
@@ -260,7 +251,7 @@ def run_micro(L, out):
     add("cumsum_f32_full", lambda: torch.cumsum(probs, -1))
     add("softmax_f32_full", lambda: torch.softmax(logits, -1))
     table = probs > 1.0 / n
-    comp = torch.compile(A.compact_blocks, dynamic=True)
+    comp = torch.compile(compact_blocks, dynamic=True)
     add("compact_compiled", lambda: comp(table))
     q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
     from prism_flex.scoring import pool_blocks

@@ -112,7 +112,7 @@ def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
     prefill()  # warm-up: compiles (Prism's stages, or the model), warms torchao kernels
     if compile_model:
         # A spare warm-up: Prism's stages used to compile again on the second call of a
-        # compiled model (fixed in graph_op.py); anything else that recompiles there is not
+        # compiled model (fixed by the custom op in prism_flex/attention.py); anything else that recompiles there is not
         # timed either.
         prefill()
     seconds, hidden = timed(prefill, device)

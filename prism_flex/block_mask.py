@@ -8,11 +8,64 @@ compaction, O(Nq * Nk) per head and no sort.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-__all__ = ["compact_blocks", "run_tables", "causal_mask_mod", "block_mask_from_tables"]
+from .scoring import BandScores, diagonal_range, score_bands
+from .selection import select_rows
+
+__all__ = [
+    "BlockTables",
+    "select_tables",
+    "score_and_select_tables",
+    "compact_blocks",
+    "run_tables",
+    "causal_mask_mod",
+    "block_mask_from_tables",
+]
+
+
+class BlockTables(NamedTuple):
+    """FlexAttention's index tables of a selection: the partial (diagonal) blocks and the
+    full blocks. Counts int32 ``(B, Hq, R)``, indices int32 ``(B, Hq, R, Nk)`` (full width,
+    contiguous)."""
+
+    partial_num: Tensor
+    partial_idx: Tensor
+    full_num: Tensor
+    full_idx: Tensor
+
+
+def select_tables(config, scores: BandScores, row_start, num_rows, q_len, kv_len,
+                  high_thr, low_thr, fine_thr) -> BlockTables:
+    """Selection of query blocks ``row_start .. row_start + num_rows - 1``, compacted into
+    index tables (thresholds as :func:`~prism_flex.selection.select_rows` takes them)."""
+    rows = torch.arange(num_rows, device=scores.q_high.device) + row_start
+    selected, _, diagonal = select_rows(config, scores, rows, q_len, kv_len, high_thr,
+                                        low_thr, fine_thr)
+    if config.force_diagonal:
+        # The partial blocks are exactly the diagonal: written from its range directly.
+        first, last = diagonal_range(row_start, num_rows, q_len, kv_len, config.block_size,
+                                     selected.device)
+        partial = run_tables(first, last, selected.shape[-1], selected.shape[0],
+                             selected.shape[1])
+    else:
+        partial = compact_blocks(selected & diagonal)
+    return BlockTables(*partial, *compact_blocks(selected & ~diagonal))
+
+
+def score_and_select_tables(config, q_pool, k_pool, q_final, k_fine, q_len, kv_len,
+                            high_temperature, low_temperature, high_thr, low_thr, fine_thr
+                            ) -> BlockTables:
+    """Scoring and selection of every query block, in one graph when compiled: one call
+    instead of two, which matters at short lengths, where host time dominates."""
+    scores = score_bands(config, q_pool, k_pool, high_temperature, low_temperature, q_final,
+                         k_fine)
+    return select_tables(config, scores, 0, q_pool.shape[2], q_len, kv_len, high_thr, low_thr,
+                         fine_thr)
 
 
 def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["PrismConfig", "ROPE_LAYOUTS"]
+__all__ = ["PrismConfig", "ROPE_LAYOUTS", "causal_attention_flops"]
 
 #: Supported RoPE layouts of the inputs.
 #: ``"half"``: rotate-half (Llama, Qwen, Mistral): pair ``i`` is dims ``(i, i + D/2)``.
@@ -29,6 +31,14 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def causal_attention_flops(batch: int, heads: int, q_len: int, kv_len: int,
+                           head_dim: int) -> int:
+    """FLOPs of a dense causal attention forward, bottom-right aligned: ``4 * B * Hq * D``
+    (two matrix products, a multiply and an add each) per visible (query, key) pair."""
+    pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
+    return 4 * batch * heads * head_dim * pairs
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,14 @@ class PrismConfig:
             ``output_error`` is set).
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
-            prompts), where selection cannot pay for itself. ``0`` never falls back.
+            prefill chunks), where selection cannot pay for itself. ``0``: no such floor.
+        sparse_min_flops: calls whose dense causal attention costs fewer FLOPs than this
+            (:func:`causal_attention_flops`: ``4 * B * Hq * D`` per visible query-key pair)
+            run dense attention (SDPA, cuDNN first): Prism's selection has a cost of its own
+            that a small attention cannot repay. The rule is :meth:`runs_dense`. Work rather
+            than a length, because the saving grows with heads x head dim x length^2 while
+            the selection's cost barely does. Default measured on the H200 (README,
+            ``bench/ttft.py``): see CHANGELOG.md. ``0``: never dense by this rule.
         max_score_elements: upper bound on the number of block scores (batch x query heads
             x query blocks x key blocks) materialised at once; longer inputs are scored in
             chunks of query blocks, which bounds the scoring memory: ~65-80 bytes per score
@@ -138,6 +155,7 @@ class PrismConfig:
     fit_tokens: int = 32
     rope_layout: str = "half"
     dense_below: int = 1024
+    sparse_min_flops: float = 5e11
     max_score_elements: int = 1 << 25
 
     def __post_init__(self) -> None:
@@ -193,7 +211,30 @@ class PrismConfig:
                 f"({self.block_size}) when output_error is set"
             )
         self._check_int("dense_below", 0)
+        if (not _is_real(self.sparse_min_flops) or not math.isfinite(self.sparse_min_flops)
+                or self.sparse_min_flops < 0):
+            raise ValueError(
+                f"PrismConfig.sparse_min_flops must be a finite number >= 0, got "
+                f"{self.sparse_min_flops!r}"
+            )
         self._check_int("max_score_elements", 1)
+
+    def runs_dense(self, q_shape, kv_len: int) -> bool:
+        """Whether a call with q of shape ``(B, Hq, Lq, D)`` runs dense attention: ``Lq <
+        dense_below``, or its dense causal attention costs fewer than ``sparse_min_flops``."""
+        batch, heads, q_len, head_dim = q_shape
+        if q_len < self.dense_below:
+            return True
+        return causal_attention_flops(batch, heads, q_len, kv_len, head_dim) < self.sparse_min_flops
+
+    def to_json(self) -> str:
+        """The config as one JSON string (how it crosses the custom-op boundary)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrismConfig":
+        """The inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

@@ -21,7 +21,7 @@ visible block). Each key block is read once per
 sampled query block: the cost is the exact attention of ``fit_query_blocks x fit_tokens``
 queries per head, and memory is O(those queries x candidates x D).
 
-Functions, compiled by :mod:`prism_flex.attention`: :func:`fit_inputs` (buckets, pieces, index
+Stages, compiled by :mod:`prism_flex.pipeline`: :func:`fit_inputs` (buckets, pieces, index
 tables, repeated queries) and :func:`fitted_thresholds` (errors and choice). Between them, on
 CUDA, ``flex_attention`` on :func:`fit_block_mask`; elsewhere (and eagerly)
 :func:`fit_attention_plain`, the same per-piece sums in plain PyTorch.
@@ -34,6 +34,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_mask import compact_blocks
+from .scoring import BandScores
+from .selection import select_rows
 
 __all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs",
            "fit_block_mask", "fit_attention_plain", "fitted_thresholds"]
@@ -68,8 +70,8 @@ def fit_positions(rows: Tensor, q_len, block_size: int, tokens: int) -> Tensor:
     return start[:, None] + ((2 * i[None, :] + 1) * length[:, None]) // (2 * tokens)
 
 
-def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, rows: Tensor, pos: Tensor,
-               q_len, kv_len, config, fine_thr: float):
+def fit_inputs(config, scores: BandScores, q: Tensor, grid: Tensor, rows: Tensor,
+               pos: Tensor, q_len, kv_len, fine_thr: float):
     """Buckets, pieces, index tables and repeated queries of the fit.
 
     A bucket can hold most of a row's key blocks (those only the last candidates select);
@@ -80,8 +82,7 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, rows: Tensor, pos:
     a constant (the sum over buckets of ``ceil(count / size)``).
 
     Args:
-        select: ``attention._select_blocks`` (passed in: that module imports this one).
-        scores: :func:`prism_flex.attention.score_inputs` of the call.
+        scores: :func:`prism_flex.scoring.score_bands` of the call.
         q: ``(B, Hq, Lq, D)``; grid: float32 ``(T,)``, :data:`FIT_THRESHOLDS` on q's device
             (an input, not built here: a host-to-device copy would wait for the GPU).
         rows, pos: :func:`fit_rows` and :func:`fit_positions` of the call, int64 ``(S,)``
@@ -105,11 +106,11 @@ def fit_inputs(select, scores: dict, q: Tensor, grid: Tensor, rows: Tensor, pos:
     t_count = len(FIT_THRESHOLDS)
     n_pieces = t_count + FIT_SPLIT
     device = q.device
-    nk = scores["k_high"].shape[2]
+    nk = scores.k_high.shape[2]
     # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
     thr = grid.repeat(samples)[:, None]
-    selected, _, _ = select(scores, rows.repeat_interleave(t_count), q_len, kv_len, config,
-                            thr, thr, fine_thr)
+    selected = select_rows(config, scores, rows.repeat_interleave(t_count), q_len, kv_len,
+                           thr, thr, fine_thr).selected
     count = selected.unflatten(2, (samples, t_count)).sum(3, dtype=torch.int32)
     bucket = t_count - count  # nested selections: first candidate = T - how many select it
     in_bucket = bucket[:, :, :, None, :] == torch.arange(t_count, device=device)[:, None]
@@ -188,8 +189,8 @@ def fit_attention_plain(q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor,
     return out, lse
 
 
-def fitted_thresholds(out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor,
-                      tokens: int, output_error) -> Tensor:
+def fitted_thresholds(config, out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor,
+                      output_error) -> Tensor:
     """Per (batch, head), the smallest candidate whose output error is within
     ``output_error``.
 
@@ -201,7 +202,7 @@ def fitted_thresholds(out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tens
         float32 ``(B, Hq)``, values of ``grid``.
     """
     samples, n_pieces = piece_bucket.shape[2], piece_bucket.shape[3]
-    t_count = grid.shape[0]
+    t_count, tokens = grid.shape[0], config.fit_tokens
     o = out.float().unflatten(2, (samples, n_pieces, tokens))  # (B, H, S, P, m, D)
     lse = lse.float().unflatten(2, (samples, n_pieces, tokens))  # (B, H, S, P, m)
     # Finite: the piece of a token's own block holds at least the token itself.

@@ -29,10 +29,32 @@ class PrismAttention(nn.Module):
         self.config = config if config is not None else PrismConfig()
         self.scale = scale
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, return_density: bool = False):
-        """Returns ``(B, Hq, Lq, D)``; with ``return_density`` also float32 ``(B, Hq)``."""
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+        dropout_p: float = 0.0, is_causal: bool = True, *, scale: Optional[float] = None,
+        enable_gqa: bool = True, return_density: bool = False,
+    ):
+        """Returns ``(B, Hq, Lq, D)``; with ``return_density`` also float32 ``(B, Hq)``.
+
+        The arguments of ``F.scaled_dot_product_attention`` are accepted so that a call
+        written for SDPA fails clearly, not with a bare ``TypeError``: ``attn_mask`` must be
+        ``None`` (padding and other masks are not supported: every key is attended
+        causally), ``dropout_p`` 0, ``is_causal`` True; ``scale`` overrides the module's;
+        GQA is always on.
+        """
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "PrismAttention takes no attn_mask: it is causal attention over every key "
+                "(bottom-right aligned). Padded batches are not supported yet: run sequences "
+                "unpadded (one per call, or equal lengths), or use SDPA for them."
+            )
+        if dropout_p:
+            raise NotImplementedError("PrismAttention is inference only: dropout_p must be 0")
+        if not is_causal:
+            raise NotImplementedError("PrismAttention is causal only: is_causal must be True")
         return prism_attention(
-            q, k, v, self.config, scale=self.scale, return_density=return_density
+            q, k, v, self.config, scale=self.scale if scale is None else scale,
+            return_density=return_density,
         )
 
     def extra_repr(self) -> str:

@@ -10,11 +10,16 @@ Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads (``G = Hq // Hk
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "BandScores",
+    "score_bands",
+    "final_block_inputs",
     "pool_blocks",
     "rope_pairs",
     "band",
@@ -240,3 +245,69 @@ def final_block_probs(
     probs = torch.nn.functional.pad(probs, (0, nk * per_block - rk))
     per_key_block = probs.view(b, hq, g, nk, per_block).sum(-1) * real[:, None]
     return per_key_block.sum(2, keepdim=True) / real.sum()
+
+
+class BandScores(NamedTuple):
+    """The per-call part of the scoring: pooled band vectors and their logit divisors.
+
+    ``q_*``: float32 ``(B, Hq, Nq, d_band)``; ``k_*``: float32 ``(B, Hkv, Nk, d_band)``;
+    ``div_*``: float32 ``(B, Hq)``, ``sqrt(d_band) * t_band``. With
+    ``PrismConfig.final_block_pool``: ``q_final`` ``(B, Hq, block_size / pool, D)`` and
+    ``k_fine`` ``(B, Hkv, ceil(Lkv / pool), D)`` (:func:`final_block_inputs`), else ``None``.
+    """
+
+    q_high: Tensor
+    k_high: Tensor
+    div_high: Tensor
+    q_low: Tensor
+    k_low: Tensor
+    div_low: Tensor
+    q_final: Optional[Tensor] = None
+    k_fine: Optional[Tensor] = None
+
+
+def score_bands(config, q_pool: Tensor, k_pool: Tensor, high_temperature, low_temperature,
+                q_final: Optional[Tensor] = None, k_fine: Optional[Tensor] = None
+                ) -> BandScores:
+    """Bands of the pooled Q and K and their temperatures (calibrated, or the given ones).
+
+    Args:
+        config: a :class:`~prism_flex.PrismConfig` (its ints are read, its floats are not:
+            the temperatures come as arguments, so that a compiled caller treats them as
+            inputs rather than constants, with no recompilation per value).
+        q_pool: ``(B, Hq, Nq, D)`` float32; k_pool: ``(B, Hkv, Nk, D)`` float32
+            (:func:`pool_blocks`).
+        q_final, k_fine: passed through (:func:`final_block_inputs`).
+    """
+    high_dims, low_dims = config.band_dims(q_pool.shape[-1])
+    parts = []
+    for dims, which, temperature in ((high_dims, "high", high_temperature),
+                                     (low_dims, "low", low_temperature)):
+        q_band = band(q_pool, dims, which, config.rope_layout)
+        k_band = band(k_pool, dims, which, config.rope_layout)
+        if config.calibrate:
+            t = band_temperature(q_pool, k_pool, q_band, k_band)
+        else:
+            t = torch.full(q_pool.shape[:2], temperature, dtype=torch.float32,
+                           device=q_pool.device)
+        parts += [q_band, k_band, math.sqrt(dims) * t]
+    return BandScores(*parts, q_final, k_fine)
+
+
+def final_block_inputs(q: Tensor, k: Tensor, block_size: int, pool: int
+                       ) -> tuple[Tensor, Tensor]:
+    """The pooled inputs of :func:`final_block_probs`: the last query block mean-pooled over
+    ``pool`` tokens, zero-padded to ``block_size / pool`` rows (a fixed size: a last block
+    of one sub-block would otherwise give a compiled caller another shape), and all keys
+    mean-pooled over ``pool`` tokens.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lkv, D)``.
+    Returns:
+        ``(q_final, k_fine)``: float32 ``(B, Hq, block_size / pool, D)`` and
+        ``(B, Hkv, ceil(Lkv / pool), D)``.
+    """
+    nq = (q.shape[2] + block_size - 1) // block_size
+    q_final = pool_blocks(q[:, :, (nq - 1) * block_size :], pool)
+    q_final = F.pad(q_final, (0, 0, 0, block_size // pool - q_final.shape[2]))
+    return q_final, pool_blocks(k, pool)

@@ -1,13 +1,86 @@
-"""Block selection: top-p per band, union of the bands and the forced blocks."""
+"""Block selection: block softmax and top-p per band, union of the bands and the forced
+blocks (sink, diagonal, local, the last block's finer row)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["top_p_select", "combine_selection"]
+from .scoring import (
+    BandScores,
+    band_logits,
+    block_softmax,
+    final_block_probs,
+    local_blocks_table,
+    rows_block_geometry,
+)
+
+__all__ = ["Thresholds", "Selection", "select_rows", "top_p_select", "combine_selection"]
+
+
+class Thresholds(NamedTuple):
+    """The top-p thresholds of one call: the bands' (floats, or float32 tensors broadcastable
+    to ``(B, Hq, R, 1)`` when fitted per head) and that of ``final_block_pool``'s row."""
+
+    high: Union[float, Tensor]
+    low: Union[float, Tensor]
+    fine: float
+
+    @classmethod
+    def of(cls, config) -> "Thresholds":
+        """A config's thresholds. The fine row takes the larger band threshold (also with
+        ``output_error``: the fitted thresholds are the bands', that row keeps its own)."""
+        high, low = float(config.high_threshold), float(config.low_threshold)
+        return cls(high, low, max(high, low))
+
+
+class Selection(NamedTuple):
+    """Selected key blocks of some query blocks: bool ``selected`` ``(B, Hq, R, Nk)``; the
+    causally visible blocks ``allowed`` and the diagonal ``diagonal``, bool ``(R, Nk)``."""
+
+    selected: Tensor
+    allowed: Tensor
+    diagonal: Tensor
+
+
+def select_rows(config, scores: BandScores, rows: Tensor, q_len, kv_len, high_thr, low_thr,
+                fine_thr) -> Selection:
+    """The selection of query blocks ``rows`` (int64 ``(R,)``, any order and repeats: the
+    threshold fit scores a few rows at several thresholds at once).
+
+    The thresholds (see :class:`Thresholds`) come as separate arguments, not as config
+    attributes: compiled, they are then inputs, not constants (no recompile per value).
+    """
+    q_high = scores.q_high.index_select(2, rows)
+    q_low = scores.q_low.index_select(2, rows)
+    nk = scores.k_high.shape[2]
+    bs = config.block_size
+    allowed, diagonal = rows_block_geometry(rows, nk, q_len, kv_len, bs)
+    high = top_p_select(
+        block_softmax(band_logits(q_high, scores.k_high, scores.div_high), allowed), high_thr
+    )
+    low = top_p_select(
+        block_softmax(band_logits(q_low, scores.k_low, scores.div_low), allowed), low_thr
+    )
+    nq = (q_len + bs - 1) // bs
+    dense_rows = extra = None
+    if config.dense_final_blocks:
+        dense_rows = rows >= nq - config.dense_final_blocks
+    if config.local_blocks:
+        extra = local_blocks_table(rows, nk, q_len, kv_len, bs, config.local_blocks)
+    if config.final_block_pool:
+        probs = final_block_probs(scores.q_final, scores.k_fine, q_len, kv_len, bs,
+                                  config.final_block_pool)
+        fine = top_p_select(probs, fine_thr)
+        fine = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
+        extra = fine if extra is None else fine | extra
+    selected = combine_selection(
+        high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
+        extra,
+    )
+    return Selection(selected, allowed, diagonal)
 
 
 def top_p_select(probs: Tensor, threshold: float) -> Tensor:

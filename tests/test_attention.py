@@ -47,7 +47,7 @@ def _qkv(p, dtype=torch.float32):
                           dtype=dtype)
 
 
-CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8)
+CFG = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8)
 
 
 @given(p=problems())
@@ -94,7 +94,7 @@ def test_output_matches_reference_within_its_own_dtype_error(p, dtype):
 @given(p=problems())
 def test_threshold_one_equals_dense_causal_sdpa(p):
     q, k, v = _qkv(p)
-    cfg = PrismConfig(dense_below=0, high_threshold=1.0, low_threshold=1.0)
+    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=1.0, low_threshold=1.0)
     out, density = prism_attention(q, k, v, cfg, return_density=True, compiled=False)
     kk = k.repeat_interleave(p["hq"] // p["hkv"], 1)
     vv = v.repeat_interleave(p["hq"] // p["hkv"], 1)
@@ -153,10 +153,10 @@ def test_final_block_pool_matches_reference(p, pool, thresholds):
 @given(p=problems(max_len=1200), t=st.floats(0.05, 0.9), dt=st.floats(0.0, 0.5))
 def test_higher_threshold_selects_superset(p, t, dt):
     q, k, _ = _qkv(p)
-    low = prism_block_mask(q, k, PrismConfig(dense_below=0, high_threshold=t, low_threshold=t),
+    low = prism_block_mask(q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=t, low_threshold=t),
                            compiled=False)
     high = prism_block_mask(
-        q, k, PrismConfig(dense_below=0, high_threshold=min(1.0, t + dt),
+        q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=min(1.0, t + dt),
                           low_threshold=min(1.0, t + dt / 2)),
         compiled=False,
     )
@@ -166,7 +166,7 @@ def test_higher_threshold_selects_superset(p, t, dt):
 @given(p=problems(max_len=1200))
 def test_sink_and_diagonal_always_selected(p):
     q, k, _ = _qkv(p)
-    mask = prism_block_mask(q, k, PrismConfig(dense_below=0, high_threshold=0.01, low_threshold=0.01),
+    mask = prism_block_mask(q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.01, low_threshold=0.01),
                             compiled=False)
     table = mask.to_dense().bool()
     _, diagonal = ref.causal_blocks(p["lq"], p["lkv"], 128)
@@ -213,7 +213,7 @@ def test_decode_step_through_sparse_path_is_dense():
     # One query against a long cache: with dense_below=0 the sparse path still sees all
     # selected blocks; at threshold 1 it equals dense attention.
     q, k, v = structured_qkv(1, 4, 2, 1, 700, 64)
-    cfg = PrismConfig(dense_below=0, high_threshold=1.0, low_threshold=1.0)
+    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=1.0, low_threshold=1.0)
     out = prism_attention(q, k, v, cfg, compiled=False)
     torch.testing.assert_close(out, dense_causal_attention(q, k, v),
                                rtol=1e-5, atol=1e-5)
@@ -221,7 +221,7 @@ def test_decode_step_through_sparse_path_is_dense():
 
 def test_block_density_counts_visible_pairs():
     q, k, v = structured_qkv(1, 2, 1, 300, 300, 32)
-    cfg = PrismConfig(dense_below=0, high_threshold=1.0, low_threshold=1.0)
+    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=1.0, low_threshold=1.0)
     assert torch.all(block_density(prism_block_mask(q, k, cfg, compiled=False)) == 1.0)
 
 

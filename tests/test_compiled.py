@@ -18,7 +18,7 @@ from .conftest import assert_clear_rows_equal, assert_tables_equal, structured_q
 
 # The finer final-block scoring on (instead of the dense final block) so that the compiled
 # path of that option is covered without compiling one more graph.
-CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8, dense_final_blocks=0,
+CFG = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8, dense_final_blocks=0,
                   final_block_pool=32)
 SHAPE_CLASSES = [  # (batch, query heads, kv heads, head dim)
     (1, 4, 2, 64),
@@ -117,7 +117,7 @@ def test_head_counts_and_head_dims_are_static_for_the_compiled_stages():
     sizing ties a length to an equal head dim at the first call (Qwen2.5 at 8K tokens: 64 key
     blocks, head dim 64) and the next length recompiles. The marks go on new tensor objects,
     never on the caller's."""
-    from prism_flex.attention import _lengths_only_dynamic
+    from prism_flex._compile import lengths_only_dynamic as _lengths_only_dynamic
 
     q = torch.randn(1, 4, 8, 8)
     (marked,) = _lengths_only_dynamic(q)

@@ -41,7 +41,7 @@ CASES = ["rank", "rank_k", "not_tensor", "int_dtype", "dtype_mismatch", "v_dtype
 def test_prism_attention_rejects(name):
     args, exc, match = _case(name)
     with pytest.raises(exc, match=match):
-        prism_attention(*args, PrismConfig(dense_below=0))
+        prism_attention(*args, PrismConfig(dense_below=0, sparse_min_flops=0))
     # The dense fallback validates too.
     with pytest.raises(exc, match=match):
         prism_attention(*args, PrismConfig(dense_below=10**9))

@@ -15,7 +15,7 @@ from . import reference as ref
 from .conftest import MARGIN, assert_clear_rows_equal, structured_qkv
 from .test_attention import problems
 
-CFG = PrismConfig(dense_below=0, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
+CFG = PrismConfig(dense_below=0, sparse_min_flops=0, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
 
 
 def _qkv(p, dtype=torch.float32):
@@ -74,7 +74,7 @@ def test_zero_values_take_the_first_candidate():
     q, k, v = structured_qkv(1, 2, 1, 700, 700, 32, seed=1)
     mask = prism_block_mask(q, k, CFG, v=torch.zeros_like(v), compiled=False)
     first = prism_block_mask(
-        q, k, PrismConfig(dense_below=0, high_threshold=FIT_THRESHOLDS[0],
+        q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=FIT_THRESHOLDS[0],
                           low_threshold=FIT_THRESHOLDS[0]), compiled=False)
     assert torch.equal(mask.to_dense(), first.to_dense())
 
@@ -146,17 +146,18 @@ def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
     lists of fit_block_mask, whose agreement with the pieces test_pieces_... checks)."""
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-    from prism_flex.attention import (_fine_threshold, _fit_grid, _fit_inputs, _fit_samples,
-                                      score_inputs)
-    from prism_flex.fit import FIT_SPLIT, fit_attention_plain
+    from prism_flex.attention import score_inputs
+    from prism_flex.fit import FIT_SPLIT, fit_attention_plain, fit_inputs
+    from prism_flex.pipeline import _fit_grid, _make_fit_samples
+    from prism_flex.selection import Thresholds
 
     q, k, v = _qkv(p)
     cfg = CFG
     scores = score_inputs(q, k, cfg)
-    rows, pos = _fit_samples(p["lq"], cfg.block_size, cfg.fit_query_blocks, cfg.fit_tokens,
-                             q.device)
-    q_fit, piece_of, _, _, _, key_pos = _fit_inputs(scores, q, _fit_grid(q.device), rows, pos,
-                                                    p["lq"], p["lkv"], cfg, _fine_threshold(cfg))
+    rows, pos = _make_fit_samples(p["lq"], cfg.block_size, cfg.fit_query_blocks,
+                                  cfg.fit_tokens, q.device)
+    q_fit, piece_of, _, _, _, key_pos = fit_inputs(cfg, scores, q, _fit_grid(q.device), rows,
+                                                   pos, p["lq"], p["lkv"], Thresholds.of(cfg).fine)
     m, n_pieces = cfg.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
 
     def in_piece(b, h, q_idx, kv_idx):

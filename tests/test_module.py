@@ -1,5 +1,6 @@
 """PrismAttention as a user would hold it: in an nn.Module, inside torch.compile."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -7,7 +8,7 @@ from prism_flex import PrismAttention, PrismConfig, prism_attention
 
 from .conftest import structured_qkv
 
-CFG = PrismConfig(dense_below=0, high_threshold=0.8, low_threshold=0.8)
+CFG = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8)
 
 
 class TinyAttentionBlock(nn.Module):
@@ -78,22 +79,49 @@ def test_compiled_user_model_compiles_only_on_its_first_call():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_inputs_that_require_grad_are_accepted():
-    """Inference only: a model called outside no_grad hands over tensors that require grad."""
+def test_inputs_that_require_grad_run_dense_with_gradients_and_a_warning():
+    """Inference only, but never a silently detached result: with grad enabled, inputs that
+    require grad (a model in training) run dense attention, whose gradients are exact."""
+    import torch.nn.functional as F
+
+    q, k, v = structured_qkv(2, 4, 2, 700, 700, 64)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    with pytest.warns(UserWarning, match="inference only"):
+        out = PrismAttention(CFG)(q, k, v)
+    assert out.requires_grad
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).square().sum().backward()
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_inputs_that_require_grad_under_no_grad_run_sparse():
+    """A model called under no_grad hands over tensors that require grad: no grad is being
+    recorded, so the sparse path runs."""
     q, k, v = structured_qkv(2, 4, 2, 700, 900, 64)
-    out = PrismAttention(CFG)(q.requires_grad_(), k.requires_grad_(), v)
+    with torch.no_grad():
+        out = PrismAttention(CFG)(q.requires_grad_(), k.requires_grad_(), v)
     torch.testing.assert_close(out, prism_attention(q.detach(), k.detach(), v, CFG))
     assert not out.requires_grad
 
 
-def test_graph_op_takes_every_config_field():
-    """The custom op spells out PrismConfig's fields one by one (its schema must be fixed):
-    a field added to the config but not to the op would be silently dropped under compile."""
+def test_config_crosses_the_custom_op_boundary_whole():
+    """The custom op takes the config as its JSON form: every field round-trips (a field
+    dropped there would be silently ignored under compile)."""
     import dataclasses
-    import inspect
 
-    from prism_flex import graph_op
+    cfg = PrismConfig(high_threshold=0.87, local_blocks=2, output_error=0.05,
+                      rope_layout="interleaved", sparse_min_flops=0, high_band_dims=8)
+    assert PrismConfig.from_json(cfg.to_json()) == cfg
+    assert set(dataclasses.asdict(cfg)) == {f.name for f in dataclasses.fields(PrismConfig)}
 
-    params = list(inspect.signature(graph_op.prism_attention_op._init_fn).parameters)
-    fields = [f.name for f in dataclasses.fields(PrismConfig)]
-    assert params == ["q", "k", "v", *fields, "scale"]
+
+@pytest.mark.parametrize("kwargs", [dict(attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)),
+                                    dict(is_causal=False), dict(dropout_p=0.1)])
+def test_sdpa_arguments_fail_clearly(kwargs):
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(NotImplementedError, match="PrismAttention"):
+        PrismAttention(CFG)(q, q, q, **kwargs)

@@ -1,0 +1,334 @@
+"""One Prism call, stage after stage: pooling -> scoring -> selection -> tables -> attention.
+
+The public functions in ``attention.py`` check their inputs, decide the :class:`Mode` and
+call these. Compile boundaries (``_compile.py`` runs them):
+
+- the block means of Q and K (``scoring.pool_blocks``) run eagerly: ATen's reduction reads
+  Q faster than inductor's code for it (H200, Llama shape at 128K: 0.27 vs 0.53 ms);
+- when all query blocks are scored at once (at most ``config.max_score_elements`` scores):
+  ``block_mask.score_and_select_tables``, one graph, replayed as a CUDA graph on CUDA for
+  short inputs (``_compile.GraphedStage``: host time dominates there);
+- otherwise: ``scoring.score_bands`` once per call, then ``block_mask.select_tables`` per
+  chunk of query blocks, and the attention of each chunk of queries runs right after its
+  tables are made, with a ``BlockMask`` of its own over all keys: memory O(chunk x Nk) per
+  head instead of O(Nq x Nk) (the full-width index tables were 16 GiB at 1M tokens);
+- with ``config.output_error``: the threshold fit's stages (``fit.py``) before the tables;
+- ``flex_attention`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+
+from . import fit
+from ._compile import (
+    GraphedStage,
+    Mode,
+    compiled_flex,
+    kernel_options,
+    lengths_only_dynamic,
+    run_stage,
+)
+from .block_mask import (
+    BlockTables,
+    block_mask_from_tables,
+    score_and_select_tables,
+    select_tables,
+    with_table_mask_mod,
+)
+from .config import PrismConfig
+from .scoring import BandScores, final_block_inputs, pool_blocks, score_bands
+from .selection import Thresholds
+
+__all__ = [
+    "Pooled",
+    "pool_inputs",
+    "band_scores",
+    "chunk_rows",
+    "block_tables",
+    "table_block_mask",
+    "sparse_attention",
+    "dense_attention",
+    "prism_forward",
+]
+
+#: Scores (batch x query heads x query blocks x key blocks) up to which the one-graph
+#: selection is replayed as a CUDA graph. Why a bound: a captured graph keeps its
+#: intermediates (~70 bytes per score, bench/NOTES.md) in a pool shared by all our graphs;
+#: 2**23 scores is Llama-8B's 32 heads at 64K tokens (~0.6 GiB), past which the GPU work,
+#: not the host, dominates the selection anyway.
+_GRAPH_MAX_SCORES = 1 << 23
+
+_GRAPHED_SELECTION = GraphedStage(score_and_select_tables)
+
+
+class Pooled(NamedTuple):
+    """Block means of one call (float32): ``q_pool`` ``(B, Hq, Nq, D)``, ``k_pool``
+    ``(B, Hkv, Nk, D)``; with ``final_block_pool``: ``q_final``, ``k_fine``
+    (:func:`~prism_flex.scoring.final_block_inputs`), else ``None``."""
+
+    q_pool: Tensor
+    k_pool: Tensor
+    q_final: Optional[Tensor]
+    k_fine: Optional[Tensor]
+
+
+def pool_inputs(q: Tensor, k: Tensor, config: PrismConfig, mode: Mode) -> Pooled:
+    """Eager block means (see the module docstring), marked for our compiled stages."""
+    bs = config.block_size
+    q_final = k_fine = None
+    if config.final_block_pool:
+        q_final, k_fine = final_block_inputs(q, k, bs, config.final_block_pool)
+    pooled = Pooled(pool_blocks(q, bs), pool_blocks(k, bs), q_final, k_fine)
+    if mode is not Mode.COMPILED:
+        return pooled
+    pooled = Pooled(*lengths_only_dynamic(*pooled))
+    if q_final is not None:
+        # bs / pool rows: a constant (a last block of one sub-block would be specialised).
+        torch._dynamo.mark_static(pooled.q_final, 2)
+    return pooled
+
+
+def band_scores(pooled: Pooled, config: PrismConfig, mode: Mode) -> BandScores:
+    """:func:`~prism_flex.scoring.score_bands` of the whole call."""
+    scores = run_stage(score_bands, mode, config, pooled.q_pool, pooled.k_pool,
+                       config.high_temperature, config.low_temperature, pooled.q_final,
+                       pooled.k_fine)
+    if mode is Mode.COMPILED:
+        scores = BandScores(*lengths_only_dynamic(*scores))
+    return scores
+
+
+def chunk_rows(config: PrismConfig, batch: int, heads: int, num_kv_blocks: int) -> int:
+    """Query blocks scored at once: ``config.max_score_elements`` scores at most."""
+    return max(1, config.max_score_elements // (batch * heads * num_kv_blocks))
+
+
+def _all_tables(q, k, v, pooled, config, scale, mode) -> BlockTables:
+    """Index tables of every query block, ``(B, Hq, Nq[, Nk])``."""
+    batch, hq, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    nq, nk = pooled.q_pool.shape[2], pooled.k_pool.shape[2]
+    thresholds = Thresholds.of(config)
+    rows = chunk_rows(config, batch, hq, nk)
+    if config.output_error is None and nq <= rows:
+        args = (pooled.q_pool, pooled.k_pool, pooled.q_final, pooled.k_fine, q_len, kv_len,
+                config.high_temperature, config.low_temperature, *thresholds)
+        if (mode is Mode.COMPILED and q.device.type == "cuda"
+                and batch * hq * nq * nk <= _GRAPH_MAX_SCORES):
+            return _GRAPHED_SELECTION(config, *args)
+        return run_stage(score_and_select_tables, mode, config, *args)
+    scores = band_scores(pooled, config, mode)
+    thresholds = _thresholds(q, k, v, scores, config, scale, mode)
+    tables = [torch.empty((batch, hq, nq) + (nk,) * (i % 2), dtype=torch.int32, device=q.device)
+              for i in range(4)]
+    for start in range(0, nq, rows):
+        n = min(rows, nq - start)
+        chunk = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len,
+                          *thresholds)
+        for dst, src in zip(tables, chunk):
+            dst[:, :, start : start + n].copy_(src)
+    return BlockTables(*tables)
+
+
+def _thresholds(q, k, v, scores, config, scale, mode) -> Thresholds:
+    """The config's thresholds, or with ``output_error`` the fitted ones, ``(B, Hq, 1, 1)``."""
+    thresholds = Thresholds.of(config)
+    if config.output_error is None:
+        return thresholds
+    fitted = _fit_thresholds(q, k, v, scores, config, scale, mode)[:, :, None, None]
+    return Thresholds(fitted, fitted, thresholds.fine)
+
+
+def block_tables(q: Tensor, k: Tensor, v: Optional[Tensor], config: PrismConfig,
+                 scale: Optional[float], mode: Mode) -> BlockTables:
+    """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
+    pooled = pool_inputs(q, k, config, mode)
+    tables = _all_tables(q, k, v, pooled, config, scale, mode)
+    if mode is Mode.COMPILED:
+        # (B, Hq, Nq) and (B, Hq, Nq, Nk): only the head count is a constant.
+        tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
+    return tables
+
+
+def table_block_mask(tables: BlockTables, q_len: int, kv_len: int, query_offset: int,
+                     config: PrismConfig, device: torch.device) -> BlockMask:
+    """The ``BlockMask`` of tables whose first query block starts at query token
+    ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call."""
+    offset = kv_len - q_len + query_offset
+    rows = tables.partial_num.shape[-1]
+    chunk_len = min(q_len - query_offset, rows * config.block_size)
+    if offset != 0:
+        # A tensor, not an int: as an int, a compiled flex_attention would bake the value in
+        # (one recompilation per value) or, traced in the user's graph with dynamic shapes,
+        # capture a symbolic size, which its kernel templates cannot take (torch 2.11).
+        offset = torch.full((), offset, dtype=torch.int32, device=device)
+    return block_mask_from_tables(*tables, offset, chunk_len, kv_len, config.block_size)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask,
+                     scale: Optional[float], mode: Mode) -> Tensor:
+    """FlexAttention over the blocks of ``block_mask``, native GQA (see
+    :func:`prism_flex.sparse_attention`)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mode is Mode.EAGER:
+        # Eager FlexAttention ignores the block lists: enforce them through the mask_mod.
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=with_table_mask_mod(block_mask),
+                              scale=scale, enable_gqa=gqa)
+    if mode is Mode.TRACED:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    q, k, v = lengths_only_dynamic(q, k, v)
+    return compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                           kernel_options=kernel_options(q.device))
+
+
+#: Dense backends in order of preference: cuDNN first (on the H200 it is the fastest dense
+#: causal attention: 265 ms at 128K against 449 ms for flash, bench/NOTES.md), then the rest
+#: as SDPA would pick them; each is skipped where it cannot take the inputs.
+_DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
+        if q_len == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=gqa)
+        if q_len == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(q_len, kv_len), scale=scale, enable_gqa=gqa
+        )
+
+
+def prism_forward(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig,
+                  scale: Optional[float], mode: Mode) -> tuple[Tensor, Tensor]:
+    """Prism attention of checked, detached inputs that need no grad.
+
+    Returns:
+        ``(out (B, Hq, Lq, D), density (B, Hq) float32)``.
+    """
+    batch, hq, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    if config.runs_dense(q.shape, kv_len):
+        out = dense_attention(q, k, v, scale)
+        return out, torch.ones((batch, hq), dtype=torch.float32, device=q.device)
+    bs = config.block_size
+    pooled = pool_inputs(q, k, config, mode)
+    nq, nk = pooled.q_pool.shape[2], pooled.k_pool.shape[2]
+    rows = chunk_rows(config, batch, hq, nk)
+    if nq <= rows:
+        tables = _all_tables(q, k, v, pooled, config, scale, mode)
+        if mode is Mode.COMPILED:
+            tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
+        mask = table_block_mask(tables, q_len, kv_len, 0, config, q.device)
+        out = sparse_attention(q, k, v, mask, scale, mode)
+        return out, _density(tables.partial_num, tables.full_num, q_len, kv_len, bs)
+    # Long inputs: queries in chunks of `rows` blocks, each with its own tables and mask.
+    scores = band_scores(pooled, config, mode)
+    thresholds = _thresholds(q, k, v, scores, config, scale, mode)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows):
+        n = min(rows, nq - start)
+        tables = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len,
+                           *thresholds)
+        if mode is Mode.COMPILED:
+            tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
+        first, last = start * bs, min((start + n) * bs, q_len)
+        mask = table_block_mask(tables, q_len, kv_len, first, config, q.device)
+        # A contiguous copy of the chunk: a view would show the compiled kernel a new
+        # storage offset per chunk.
+        q_chunk = q[:, :, first:last].contiguous()
+        out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
+        chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
+    return out, chosen / _visible_blocks(q_len, kv_len, bs, nq, q.device)
+
+
+def _visible_blocks(q_len: int, kv_len: int, bs: int, nq: int, device) -> Tensor:
+    """Number of causally visible (query block, key block) pairs, a float32 scalar."""
+    rows = torch.arange(nq, device=device)
+    last = torch.clamp((rows + 1) * bs, max=q_len) - 1 + (kv_len - q_len)
+    return (last // bs + 1).sum().float()
+
+
+def _density(partial_num: Tensor, full_num: Tensor, q_len, kv_len, bs) -> Tensor:
+    chosen = (partial_num.sum(-1) + full_num.sum(-1)).float()
+    return chosen / _visible_blocks(q_len, kv_len, bs, partial_num.shape[-1],
+                                    partial_num.device)
+
+
+def _fit_thresholds(q, k, v, scores, config, scale, mode) -> Tensor:
+    """The fitted top-p threshold of each (batch, head), float32 ``(B, Hq)`` (``fit.py``)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    grid = _fit_grid(q.device)
+    make = _fit_samples if mode is Mode.COMPILED else _make_fit_samples
+    rows, pos = make(q_len, config.block_size, config.fit_query_blocks, config.fit_tokens,
+                     q.device)
+    q_in = lengths_only_dynamic(q)[0] if mode is Mode.COMPILED else q
+    fine = Thresholds.of(config).fine
+    q_fit, piece_of, piece_bucket, num, idx, key_pos = run_stage(
+        fit.fit_inputs, mode, config, scores, q_in, grid, rows, pos, q_len, kv_len, fine)
+    if mode is not Mode.COMPILED or q.device.type != "cuda":
+        # The compiled CPU FlexAttention returns no log-sum-exp, and eager FlexAttention
+        # cannot run inside our custom op: the same sums in plain PyTorch.
+        out, lse = fit.fit_attention_plain(q_fit, k, v, piece_of, key_pos, config, scale)
+    else:
+        mask = fit.fit_block_mask(num, idx, key_pos, kv_len, config)
+        m = config.fit_tokens
+        # The query tile must divide the mask's query blocks of m rows.
+        tile = 64 if m % 64 == 0 else (32 if m % 32 == 0 else 16)
+        options = dict(kernel_options(q.device) or {}, BLOCK_M=tile)
+        q_fit, k, v = lengths_only_dynamic(q_fit, k, v)
+        torch._dynamo.mark_static(q_fit, 2)  # S * P * m rows: a constant of the config
+        out, aux = compiled_flex()(
+            q_fit, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+            kernel_options=options, return_aux=AuxRequest(lse=True),
+        )
+        lse = aux.lse
+    return run_stage(fit.fitted_thresholds, mode, config, out, lse, piece_bucket, grid,
+                     float(config.output_error))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_grid(device: torch.device) -> Tensor:
+    """:data:`~prism_flex.fit.FIT_THRESHOLDS` on ``device``, made once per device: built in
+    the compiled graph, it was copied from the host at every call, and that copy waited for
+    the GPU (3-9 ms of host time per call on the H200)."""
+    return torch.tensor(fit.FIT_THRESHOLDS, dtype=torch.float32, device=device)
+
+
+def _make_fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """The fit's sampled query blocks and tokens (``fit.fit_rows``, ``fit.fit_positions``),
+    int64 ``(S,)`` and ``(S, m)``."""
+    rows = fit.fit_rows((q_len + block_size - 1) // block_size, samples, device)
+    return rows, fit.fit_positions(rows, q_len, block_size, tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_make_fit_samples`, made eagerly once per query length and device: as inputs
+    of the compiled fit stage they are loaded, not folded into its index arithmetic (see
+    ``fit.fit_inputs``). Their sizes are constants of the config."""
+    rows, pos = _make_fit_samples(q_len, block_size, samples, tokens, device)
+    torch._dynamo.mark_static(rows, 0)
+    torch._dynamo.mark_static(pos, 0)
+    torch._dynamo.mark_static(pos, 1)
+    return rows, pos
