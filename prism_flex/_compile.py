@@ -185,7 +185,8 @@ class GraphedStage:
 
     Each call copies its tensor arguments into the graph's static inputs and returns *copies*
     of the graph's outputs: a later replay overwrites the graph's own buffers, and a caller
-    may keep a ``BlockMask`` across calls. Not used while a CUDA stream is being captured
+    may keep a ``BlockMask`` across calls. Not thread-safe (one Python thread drives a GPU
+    stream here, as in a model's forward). Not used while a CUDA stream is being captured
     (the user's own graph, e.g. ``mode="reduce-overhead"``).
     """
 
@@ -194,6 +195,7 @@ class GraphedStage:
         self.max_graphs = max_graphs
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         self._seen: set = set()
+        self._pool = None
 
     def __call__(self, config: PrismConfig, *args):
         if torch.cuda.is_current_stream_capturing():
@@ -228,7 +230,11 @@ class GraphedStage:
         with torch.cuda.stream(side):
             run_stage(self.stage, Mode.COMPILED, config, *inputs)
         torch.cuda.current_stream().wait_stream(side)
+        # One memory pool for all our graphs: they never run concurrently, and each call
+        # copies its outputs out before another graph can reuse their memory.
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             outputs = run_stage(self.stage, Mode.COMPILED, config, *inputs)
         return graph, inputs, outputs

@@ -278,16 +278,10 @@ def prism_attention(
     config.band_dims(q.shape[-1])
     mode = Mode.at_entry(compiled)
     if mode is Mode.TRACED:
-        out, density = _prism_op(q, k, v, _config_json(config), scale)
+        out, density = _prism_op(q, k, v, config.to_json(), scale)
     else:
         out, density = _forward(q.detach(), k.detach(), v.detach(), config, scale, mode)
     return (out, density) if return_density else out
-
-
-@torch.compiler.assume_constant_result
-def _config_json(config: PrismConfig) -> str:
-    """``config.to_json()``, a constant of the user's graph (dynamo does not trace json)."""
-    return config.to_json()
 
 
 @uniform_dispatch_keys

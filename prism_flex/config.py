@@ -218,6 +218,9 @@ class PrismConfig:
                 f"{self.sparse_min_flops!r}"
             )
         self._check_int("max_score_elements", 1)
+        # The JSON form, made once: a compile of the user's model reads it as a constant
+        # string (dynamo traces neither json nor a frozen dataclass's reconstruction).
+        object.__setattr__(self, "_json", json.dumps(dataclasses.asdict(self), sort_keys=True))
 
     def runs_dense(self, q_shape, kv_len: int) -> bool:
         """Whether a call with q of shape ``(B, Hq, Lq, D)`` runs dense attention: ``Lq <
@@ -229,7 +232,7 @@ class PrismConfig:
 
     def to_json(self) -> str:
         """The config as one JSON string (how it crosses the custom-op boundary)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return self._json
 
     @classmethod
     def from_json(cls, text: str) -> "PrismConfig":

@@ -37,7 +37,7 @@ from .block_mask import compact_blocks
 from .scoring import BandScores
 from .selection import select_rows
 
-__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs",
+__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs", "fit_pieces",
            "fit_block_mask", "fit_attention_plain", "fitted_thresholds"]
 
 #: Candidate top-p thresholds, ascending. The last is 1.0 (every visible block, zero error),
@@ -102,15 +102,22 @@ def fit_inputs(config, scores: BandScores, q: Tensor, grid: Tensor, rows: Tensor
         config.fit_query_blocks``, ``T = len(FIT_THRESHOLDS)``, ``P = T + FIT_SPLIT``, ``m =
         config.fit_tokens``.
     """
+    t_count = len(FIT_THRESHOLDS)
+    # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
+    thr = grid.repeat(config.fit_query_blocks)[:, None]
+    selected = select_rows(config, scores, rows.repeat_interleave(t_count), q_len, kv_len,
+                           thr, thr, fine_thr).selected
+    return fit_pieces(config, selected, q, pos, q_len, kv_len)
+
+
+def fit_pieces(config, selected: Tensor, q: Tensor, pos: Tensor, q_len, kv_len):
+    """:func:`fit_inputs` from the selections of the sampled rows at every candidate, bool
+    ``(B, Hq, S * T, Nk)`` (row ``s * T + t``: sampled block ``s`` at candidate ``t``)."""
     samples, m = config.fit_query_blocks, config.fit_tokens
     t_count = len(FIT_THRESHOLDS)
     n_pieces = t_count + FIT_SPLIT
     device = q.device
-    nk = scores.k_high.shape[2]
-    # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
-    thr = grid.repeat(samples)[:, None]
-    selected = select_rows(config, scores, rows.repeat_interleave(t_count), q_len, kv_len,
-                           thr, thr, fine_thr).selected
+    nk = selected.shape[-1]
     count = selected.unflatten(2, (samples, t_count)).sum(3, dtype=torch.int32)
     bucket = t_count - count  # nested selections: first candidate = T - how many select it
     in_bucket = bucket[:, :, :, None, :] == torch.arange(t_count, device=device)[:, None]

@@ -102,7 +102,7 @@ def test_pieces_partition_each_bucket_into_short_runs(nk, samples, seed):
     """fit_inputs on a synthetic nested selection: every visible key block lies in exactly one
     piece, a piece's blocks share one bucket, no piece holds more than ceil(Nk / FIT_SPLIT)
     blocks, the index tables list each piece's blocks, and the piece count stays bounded."""
-    from prism_flex.fit import FIT_SPLIT, fit_inputs
+    from prism_flex.fit import FIT_SPLIT, fit_pieces
 
     g = torch.Generator().manual_seed(seed)
     t_count, bs = len(FIT_THRESHOLDS), 128
@@ -110,19 +110,14 @@ def test_pieces_partition_each_bucket_into_short_runs(nk, samples, seed):
     # first candidate selecting each block (t_count: never, i.e. not visible)
     first = torch.randint(0, t_count + 1, (1, 2, samples, nk), generator=g)
 
-    def select(scores, rows, q_len, kv_len, config, *thr):
-        cand = torch.arange(t_count)[:, None]
-        sel = first[:, :, :, None, :] <= cand  # nested: (B, H, S, T, Nk)
-        return sel.flatten(2, 3), None, None
+    cand = torch.arange(t_count)[:, None]
+    selected = (first[:, :, :, None, :] <= cand).flatten(2, 3)  # nested: (B, H, S * T, Nk)
 
     cfg = PrismConfig(fit_query_blocks=samples, fit_tokens=16)
     q = torch.randn(1, 2, nk * bs, 8)
-    scores = {"k_high": torch.zeros(1, 2, nk, 4)}
-    grid = torch.tensor(FIT_THRESHOLDS)
     rows = fit_rows(nk, samples, "cpu")
     pos = fit_positions(rows, nk * bs, bs, 16)
-    _, piece_of, piece_bucket, num, idx, _ = fit_inputs(select, scores, q, grid, rows, pos,
-                                                        nk * bs, nk * bs, cfg, 0.95)
+    _, piece_of, piece_bucket, num, idx, _ = fit_pieces(cfg, selected, q, pos, nk * bs, nk * bs)
     size = -(-nk // FIT_SPLIT)
     visible = first < t_count
     assert torch.equal(piece_of < n_pieces, visible)

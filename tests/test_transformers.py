@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -20,8 +21,13 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from prism_flex import PrismConfig  # noqa: E402
 from prism_flex.integrations.transformers import register  # noqa: E402
 
-DENSE = PrismConfig(high_threshold=1.0, low_threshold=1.0, dense_below=0)
-SPARSE = PrismConfig(dense_below=0)  # default thresholds 0.95
+# Force Prism's selection path on these small inputs: no length floor and, where the config has
+# it, no FLOP floor (sparse_min_flops would otherwise route every call here to dense attention).
+NO_DENSE_FLOOR = dict(dense_below=0)
+if "sparse_min_flops" in PrismConfig.__dataclass_fields__:
+    NO_DENSE_FLOOR["sparse_min_flops"] = 0
+DENSE = PrismConfig(high_threshold=1.0, low_threshold=1.0, **NO_DENSE_FLOOR)
+SPARSE = PrismConfig(**NO_DENSE_FLOOR)  # default thresholds 0.95
 # Eager Prism (compiled=False): the adapter is what these tests check; compiling the stages on
 # CPU costs ~20-40 s per query-length class, and compiled == eager is tests/test_compiled.py's job.
 DENSE_NAME = register(DENSE, "prism_test_dense", compiled=False)
@@ -151,12 +157,19 @@ def test_prism_config_kwarg_overrides_registered_config():
     registered config. Also runs outside ``torch.no_grad()`` (parameters require grad)."""
     ids = _prompt(640, seed=2)
     model = _model("qwen3", SPARSE_NAME)
-    dense = model(ids, prism_config=DENSE).logits
-    tight = model(ids, prism_config=PrismConfig(high_threshold=0.05, low_threshold=0.05,
-                                                dense_below=0)).logits
+    tight_cfg = PrismConfig(high_threshold=0.05, low_threshold=0.05, **NO_DENSE_FLOOR)
+    with torch.no_grad():
+        dense = model(ids, prism_config=DENSE).logits
+        tight = model(ids, prism_config=tight_cfg).logits
+    with warnings.catch_warnings():
+        # prism_attention may warn that inputs requiring grad run dense (inference only).
+        warnings.simplefilter("ignore")
+        with_grad = model(ids, prism_config=DENSE).logits
     model.set_attn_implementation("sdpa")
-    want = model(ids).logits
+    with torch.no_grad():
+        want = model(ids).logits
     torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_grad.detach(), want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tight, want, rtol=1e-4, atol=1e-4)
 
 

@@ -22,7 +22,12 @@ It uses transformers' public extension points only (no patched classes):
   (it assumes a backend that handles padding itself), and a padded batch would be silently
   attended as unpadded. Ours returns ``None`` for a plain causal mask (no materialised
   ``(B, 1, Lq, Lkv)`` tensor, which at long context would cost more than Prism saves) and raises
-  :class:`NotImplementedError` for padding.
+  :class:`NotImplementedError` for padding and for a cache whose keys outnumber the tokens seen.
+  transformers (5.x, ``masking_utils.create_causal_mask``) calls it with ``q_length``,
+  ``kv_length``, ``q_offset`` (the cache's ``get_query_offset()``: tokens cached before this
+  forward) and ``kv_offset`` (both from the cache's ``get_mask_sizes``), and the 2-D
+  ``attention_mask`` or ``None``. The attention function is not given the cache (its kwargs
+  carry ``position_ids`` and ``use_cache``), so the cache checks live in the mask function.
 
 Which PrismConfig is used: the one given to :func:`register` for that name (default
 ``PrismConfig()``). A call may override it with a ``prism_config=`` keyword argument to the
@@ -33,9 +38,12 @@ name per configuration (``register(cfg_a, "prism_a")``) and give each model its 
 Supported: causal self-attention of decoder-only models whose attention calls
 ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, ...), with no cache or a dynamic KV
 cache (prefill, chunked prefill continuing a cache, greedy/sampled decoding). Not supported
-(raises): padding in the batch, sliding-window layers, packed sequences or other non-causal
-masks, ``StaticCache`` (its key/value tensors are longer than the tokens seen so far), attention
-dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
+(raises :class:`NotImplementedError`): padding in the batch, sliding-window layers, packed
+sequences or other non-causal masks, ``StaticCache`` / ``cache_implementation="static"`` (any
+cache whose key/value tensors are longer than the tokens seen so far: Prism aligns causality
+bottom-right, so the unwritten slots would be attended as the newest keys; checked in prefill
+and decode, eager and under ``torch.compile``, where it is a run-time ``torch._assert_async``),
+attention dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-__all__ = ["register", "make_attention_function", "PADDING_ERROR"]
+__all__ = ["register", "make_attention_function", "PADDING_ERROR", "STATIC_CACHE_ERROR"]
 
 PADDING_ERROR = (
     "prism attention does not support padded batches (or any attention mask other than the "
@@ -65,6 +73,16 @@ PADDING_ERROR = (
     "unpadded inputs (batch size 1, or a batch of equal-length sequences without padding "
     "tokens) with a dynamic KV cache, or use attn_implementation='sdpa' for padded batches."
 )
+
+STATIC_CACHE_ERROR = (
+    "prism attention does not support a KV cache whose key/value tensors are longer than the "
+    "tokens written so far (StaticCache, cache_implementation='static', or any pre-allocated "
+    "cache): Prism applies the plain causal mask aligned bottom-right, so the unwritten cache "
+    "slots would be attended as the newest keys. Workaround: use the default dynamic cache "
+    "(drop cache_implementation='static' from generate / its generation_config, or pass a "
+    "DynamicCache instead of a StaticCache), or use attn_implementation='sdpa'."
+)
+
 
 def register(
     config: Optional[PrismConfig] = None, name: str = "prism", *, compiled: bool = True
@@ -119,12 +137,17 @@ def prism_mask(
     The model builds its mask once per forward, not once per layer, so the padding check lives
     here: one O(B * Lkv) reduction per forward instead of a per-layer look at a 4-D mask.
 
+    First, whatever the mask: raises ``NotImplementedError`` unless the keys end where the
+    queries end, ``kv_offset + kv_length == q_offset + q_length`` (see :func:`_check_kv_extent`;
+    a StaticCache hands ``kv_length = max_cache_len`` with fewer tokens written).
+
     Returns ``None`` (plain bottom-right causal, which Prism applies itself) when the mask
     function is the plain causal one and no key is padded; raises ``NotImplementedError`` when
     a key is padded. Any other mask (sliding window, packed sequences, custom ``or``/``and``
     masks) is materialised as transformers' SDPA boolean mask, which the attention function
     then checks (and rejects unless it is plain causal).
     """
+    _check_kv_extent(q_length, kv_length, q_offset, kv_offset)
     if mask_function is not causal_mask_function or local_size is not None:
         return sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -144,6 +167,33 @@ def prism_mask(
     if not covered or not bool(keys.bool().all()):
         raise NotImplementedError(PADDING_ERROR)
     return None
+
+
+def _check_kv_extent(q_length, kv_length, q_offset, kv_offset) -> None:
+    """Raise unless the last key of this forward is the last query's own position.
+
+    transformers sizes the mask from the cache: the keys are positions ``kv_offset ..
+    kv_offset + kv_length - 1`` and the queries ``q_offset .. q_offset + q_length - 1``, where
+    ``q_offset`` is the number of tokens cached before this forward. Bottom-right causality
+    (what Prism applies) is right only when both end at the same position. A dynamic cache
+    (``DynamicLayer.get_mask_sizes``: ``kv_length = seen + q_length``, ``kv_offset = 0``) always
+    satisfies it; a ``StaticLayer`` reports ``kv_length = max_cache_len`` and breaks it until
+    every slot is written. StaticLayer's ``q_offset`` is a 0-d tensor (its
+    ``cumulative_length``): read once per forward in eager mode (one host sync, only for such
+    caches), asserted at run time under ``torch.compile``.
+    """
+    seen = q_offset + q_length
+    end = kv_offset + kv_length
+    if isinstance(seen, Tensor):
+        if torch.compiler.is_compiling():
+            # No data-dependent branching in a traced graph: assert at run time instead.
+            torch._assert_async(seen == end, STATIC_CACHE_ERROR)
+            return
+        seen = int(seen)
+    if seen != end:
+        raise NotImplementedError(
+            f"{STATIC_CACHE_ERROR} (This forward: {end} key positions, {seen} tokens seen.)"
+        )
 
 
 def _check_mask(mask, q_len: int, kv_len: int) -> None:

@@ -1,0 +1,332 @@
+"""End-to-end prefill time (time to first token) of a real model: dense SDPA against Prism.
+
+One forward of batch 1 per length under ``torch.inference_mode()``, the whole model (embedding,
+every layer, the LM head for the last token only: ``logits_to_keep=1``, so the vocabulary
+projection of all L tokens does not dominate), with a dynamic KV cache written as in a real
+prefill. Methods:
+
+- ``sdpa_flash``: ``attn_implementation="sdpa"`` under ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``;
+- ``sdpa_cudnn``: the same under ``SDPBackend.CUDNN_ATTENTION``;
+- ``prism``: ``prism_flex.integrations.transformers.register(PrismConfig())`` (compiled on CUDA,
+  eager on CPU, where compiling the stages would take minutes) and
+  ``model.set_attn_implementation("prism")``.
+
+On CPU the backend pins are skipped (plain sdpa) and ``time.perf_counter`` times the calls; on
+CUDA, CUDA events. Each (method, length) row makes one first call (wall time including any
+compile: ``first_call_ms``), ``--warmup`` more untimed calls, then ``--reps`` timed calls
+(median and min reported). ``graphs_warmup`` / ``graphs_timed`` count the graphs dynamo
+compiled (``counters["stats"]["unique_graphs"]``) before and during the timed calls: a
+non-zero ``graphs_timed`` means the timing includes a compile. ``density`` (prism only): mean
+over layers and heads of the selected / causally visible blocks, from one extra untimed forward
+through a density-recording copy of the attention (``--no-density`` skips it).
+
+Input ids (the ``input`` field of the JSON meta): the first L tokens of ``--text`` (default
+``austen:all``, bench/texts.py; repeated if shorter than L) tokenized with the model's GGUF
+tokenizer; ``--text random`` or ``--random-tiny``, or a text that cannot be loaded (warned),
+gives uniform random ids from a generator seeded with ``--seed``. Prism's density, hence its
+time, depends on the text: random ids make attention flatter than prose. Lengths above the
+model's trained context (32K for Qwen2.5-Coder-0.5B) still run (RoPE is computed on the fly);
+only the timing is meaningful there.
+
+Example (H200; the GGUF assembled by bench/offline_gpu.sh)::
+
+    python -m bench.ttft --model-path ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf
+    python -m bench.ttft --model smollm2-135m --device cpu --lengths 256 --reps 1 --warmup 0 \\
+        --methods sdpa_flash prism --out /tmp/ttft.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("sdpa_flash", "sdpa_cudnn", "prism", "prism_always_sparse")
+LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+PRISM_NAME = "prism"
+ALWAYS_SPARSE = "prism_always_sparse"
+DENSITY_NAME = "prism_ttft_density"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a bench.models name")
+    p.add_argument("--model-path", default=None, help="a local .gguf file (overrides --model)")
+    p.add_argument("--random-tiny", action="store_true",
+                   help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first call")
+    p.add_argument("--text", default="austen:all", help="bench.texts spec, or 'random'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-density", action="store_true", help="skip prism's density forward")
+    p.add_argument("--merge", action="store_true",
+                   help="keep --out's rows of other (model, method, length) cases")
+    p.add_argument("--out", default="bench/results/h200_ttft.json")
+    return p.parse_args(argv)
+
+
+def model_label(args) -> str:
+    if args.random_tiny:
+        return "random-tiny-qwen2"
+    return Path(args.model_path).name if args.model_path else args.model
+
+
+def load_model(args, device: torch.device):
+    """``(model, tokenizer or None)``; GGUF loading as bench/accuracy.py:load_model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.random_tiny:
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, intermediate_size=128,
+                          vocab_size=512, max_position_embeddings=max(args.lengths))
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        return model.to(device).eval(), None
+    if args.model_path:
+        path = Path(args.model_path).expanduser()
+    else:
+        from bench.models import fetch
+
+        path = Path(fetch(args.model))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, attn_implementation="sdpa", dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+def token_ids(tok, vocab: int, length: int, args) -> tuple[torch.Tensor, str]:
+    """``(ids (length,), description)``: text tokens (repeated to ``length``) or seeded random."""
+    if tok is not None and args.text != "random":
+        try:
+            from bench.texts import load_text
+
+            # ~4 characters per token in English prose: 6 per token leaves a margin.
+            ids = tok(load_text(args.text)[: 6 * length])["input_ids"]
+            reps = -(-length // len(ids))
+            return torch.tensor(ids * reps)[:length], f"text:{args.text}"
+        except Exception as e:  # noqa: BLE001 - e.g. no staged texts on the GPU machine
+            log(f"warning: text {args.text!r} unavailable ({e}); using random ids")
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab, (length,), generator=g), f"random:seed={args.seed}"
+
+
+DENSITIES: list[float] = []  # per layer, filled by the density twin
+
+
+def register_prism(device: torch.device) -> None:
+    """Register Prism and a density-recording twin (same config, same mask function)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from prism_flex import PrismConfig, prism_attention
+    from prism_flex.integrations.transformers import register
+
+    cfg, compiled = PrismConfig(), device.type == "cuda"
+    register(cfg, PRISM_NAME, compiled=compiled)
+    # The selection at every length (no dense dispatch of small calls): where it pays is
+    # how PrismConfig.sparse_min_flops is measured.
+    register(dataclasses.replace(cfg, sparse_min_flops=0), ALWAYS_SPARSE, compiled=compiled)
+
+    def with_density(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, dens = prism_attention(query, key, value, cfg, scale=scaling, return_density=True,
+                                    compiled=compiled)
+        DENSITIES.append(float(dens.float().mean()))
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(DENSITY_NAME, with_density)
+    AttentionMaskInterface.register(DENSITY_NAME, ALL_MASK_ATTENTION_FUNCTIONS[PRISM_NAME])
+
+
+def backend_context(method: str, device: torch.device):
+    """The SDPA backend pin on CUDA; nothing on CPU (neither flash nor cuDNN exists there)."""
+    if device.type != "cuda" or not method.startswith("sdpa_"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[method]
+    return sdpa_kernel(backend)
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward(model, ids):
+    return model(input_ids=ids, logits_to_keep=1, use_cache=True)
+
+
+def time_call(model, ids, device) -> float:
+    """Milliseconds of one forward: CUDA events on GPU (device time), perf_counter on CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        forward(model, ids)
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    forward(model, ids)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure(model, ids, method, args, device) -> dict:
+    """First call, warm-up, timed reps (and the density forward) of one (method, length)."""
+    g0 = graphs()
+    sync(device)
+    t0 = time.perf_counter()
+    forward(model, ids)
+    sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    for _ in range(args.warmup):
+        forward(model, ids)
+    sync(device)
+    g1 = graphs()
+    times = [time_call(model, ids, device) for _ in range(args.reps)]
+    row = dict(status="ok", median_ms=statistics.median(times), min_ms=min(times),
+               times_ms=times, first_call_ms=first, graphs_warmup=g1 - g0,
+               graphs_timed=graphs() - g1)
+    if method == "prism" and not args.no_density:
+        DENSITIES.clear()
+        model.set_attn_implementation(DENSITY_NAME)
+        forward(model, ids)
+        model.set_attn_implementation(PRISM_NAME)
+        row["density"] = sum(DENSITIES) / len(DENSITIES)
+    return row
+
+
+def run_row(model, ids, method, args, device) -> dict:
+    """One row; an OOM (or a backend that refuses the shape) is recorded, not raised."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.inference_mode(), backend_context(method, device):
+            row = measure(model, ids, method, args, device)
+    except torch.OutOfMemoryError:
+        row = dict(status="oom")
+    except RuntimeError as e:  # e.g. "No available kernel" for a pinned backend
+        row = dict(status="error", error=str(e).splitlines()[0][:300])
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_<ref>`` = the reference's median / the row's median, same model and L."""
+    med = {(r["model"], r["method"], r["L"]): r.get("median_ms") for r in rows}
+    for r in rows:
+        for ref in ("sdpa_cudnn", "sdpa_flash"):
+            base = med.get((r["model"], ref, r["L"]))
+            ok = base and r.get("median_ms")
+            r[f"speedup_vs_{ref}"] = base / r["median_ms"] if ok else None
+
+
+def meta(args, device, input_desc: str) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - triton is absent on CPU-only installs
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a checkout
+        commit = None
+    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"cpu {platform.processor() or platform.machine()}")
+    return dict(gpu=gpu, torch=torch.__version__, transformers=version("transformers"),
+                triton=version("triton"), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                commit=commit, input=input_desc, args=vars(args))
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | method | L | median ms | min ms | vs cudnn | vs flash | density "
+            "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 12 + "|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['L']} | {fmt(r.get('median_ms'), '.2f')} "
+            f"| {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('speedup_vs_sdpa_cudnn'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_sdpa_flash'), '.2f')} | {fmt(r.get('density'), '.3f')} "
+            f"| {fmt(r.get('first_call_ms') and r['first_call_ms'] / 1e3, '.2f')} "
+            f"| {fmt(r.get('graphs_warmup'), 'd')} | {fmt(r.get('graphs_timed'), 'd')} "
+            f"| {r['status']} |")
+    return "\n".join(lines)
+
+
+def write(path: Path, info: dict, rows: list[dict], old: list[dict]) -> None:
+    """Write after every row: a run cut short by the call's time limit keeps what it measured."""
+    mine = {(r["model"], r["method"], r["L"]) for r in rows}
+    merged = [r for r in old if (r["model"], r["method"], r["L"]) not in mine] + rows
+    add_speedups(merged)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(meta=info, rows=merged), indent=1) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
+    model, tok = load_model(args, device)
+    if any(m.startswith("prism") for m in args.methods):
+        register_prism(device)
+    # One sequence of the longest length; each length takes its first L tokens.
+    ids, desc = token_ids(tok, model.config.vocab_size, max(args.lengths), args)
+    name, rows, info = model_label(args), [], meta(args, device, desc)
+    for method in args.methods:
+        model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
+        for i, length in enumerate(args.lengths):
+            row = dict(model=name, method=method, L=length, cold=i == 0)
+            row.update(run_row(model, ids[None, :length].to(device), method, args, device))
+            rows.append(row)
+            log(f"{method} L={length}: {row['status']} {fmt(row.get('median_ms'), '.2f')} ms")
+            write(out, info, rows, old)
+    add_speedups(rows)
+    print(table(rows))
+    for method in args.methods:  # recompiles after the first length: the dynamic-shape check
+        later = [r.get("graphs_warmup", 0) + r.get("graphs_timed", 0)
+                 for r in rows if r["method"] == method and not r["cold"]]
+        print(f"{method}: graphs compiled at lengths after the first: {sum(later)}")
+    print(f"JSON: {out}")
+    return dict(meta=info, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
