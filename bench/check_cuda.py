@@ -63,7 +63,7 @@ def check_one(shape: str, lq: int, lkv: int, sample: int, seed: int, device: str
     q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device=device,
                             seed=seed)
     q = q[:, :, lkv - lq :].contiguous()
-    cfg = PrismConfig()
+    cfg = PrismConfig(sparse_min_flops=0)  # the selection itself, at every length
     mask = prism_flex.prism_block_mask(q, k, cfg)
     out, density = prism_flex.prism_attention(q, k, v, cfg, return_density=True)
     table = mask.to_dense().bool()
@@ -91,7 +91,7 @@ def check_one(shape: str, lq: int, lkv: int, sample: int, seed: int, device: str
 
 def check_user_compile(device: str) -> dict:
     """A user's compiled module, dynamic shapes, prefill then a chunk continuing the cache."""
-    attn = PrismAttention(PrismConfig(dense_below=512))
+    attn = PrismAttention(PrismConfig(dense_below=512, sparse_min_flops=0))
     fn = torch.compile(lambda q, k, v: attn(q, k, v) * 1.0, dynamic=True, fullgraph=True)
     hq, hkv, d, base = SHAPES["qwen"]
     out = {}
@@ -109,7 +109,7 @@ def check_recompiles(device: str, lengths) -> int:
     from torch._dynamo.utils import counters
 
     hq, hkv, d, base = SHAPES["llama"]
-    cfg = PrismConfig()
+    cfg = PrismConfig(sparse_min_flops=0)  # the selection itself, at every length
 
     def call(lq, lkv):
         q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base),

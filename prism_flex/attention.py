@@ -277,6 +277,13 @@ def prism_attention(
         return out
     config.band_dims(q.shape[-1])
     mode = Mode.at_entry(compiled)
+    if mode is not Mode.TRACED and config.runs_dense(q.shape, k.shape[2]):
+        # First and lean: below the cost where sparsity pays, the host time of anything
+        # else would show (a 4K prefill of a small model is bound by the host).
+        out = pipeline.dense_attention(q.detach(), k.detach(), v.detach(), scale)
+        if return_density:
+            return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
+        return out
     if mode is Mode.TRACED:
         out, density = _prism_op(q, k, v, config.to_json(), scale)
     else:

@@ -124,10 +124,14 @@ class PrismConfig:
         sparse_min_flops: calls whose dense causal attention costs fewer FLOPs than this
             (:func:`causal_attention_flops`: ``4 * B * Hq * D`` per visible query-key pair)
             run dense attention (SDPA, cuDNN first): Prism's selection has a cost of its own
-            that a small attention cannot repay. The rule is :meth:`runs_dense`. Work rather
-            than a length, because the saving grows with heads x head dim x length^2 while
-            the selection's cost barely does. Default measured on the H200 (README,
-            ``bench/ttft.py``): see CHANGELOG.md. ``0``: never dense by this rule.
+            (host time, pooling, scoring) that a small attention cannot repay. The rule is
+            :meth:`runs_dense`; work rather than a length, because the saving grows with
+            heads x head dim x length^2. Default 6e11, from the H200 (torch 2.11, one run
+            each, README): Qwen2.5-Coder-0.5B end to end, always-sparse Prism was 27 %
+            slower than cuDNN at 8K tokens (1.2e11 FLOPs per layer) and 11 % faster at 16K
+            (4.8e11); the Llama-3.1-8B attention shape broke even at 8K (5.5e11: 1.02 vs
+            1.00 ms) and was 3.9x faster at 32K. 6e11 keeps every measured call at least as
+            fast as cuDNN (it gives up Qwen's 11 % at 16K). ``0``: always select.
         max_score_elements: upper bound on the number of block scores (batch x query heads
             x query blocks x key blocks) materialised at once; longer inputs are scored in
             chunks of query blocks, which bounds the scoring memory: ~65-80 bytes per score
@@ -155,7 +159,7 @@ class PrismConfig:
     fit_tokens: int = 32
     rope_layout: str = "half"
     dense_below: int = 1024
-    sparse_min_flops: float = 5e11
+    sparse_min_flops: float = 6e11
     max_score_elements: int = 1 << 25
 
     def __post_init__(self) -> None:
