@@ -300,7 +300,9 @@ def main() -> None:
     n_layers = a.layers or (8 if on_gpu else 2)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     args = ModelArgs(n_layers=n_layers)
-    prism_cfg = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold)
+    # sparse_min_flops=0: the selection at any length (small calls run dense by default).
+    prism_cfg = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold,
+                            sparse_min_flops=0)
 
     model = Transformer(args, lambda: PrismAttention(prism_cfg))
     init_weights(model, a.seed, structured=not a.plain_init, qk_gain=a.qk_gain)

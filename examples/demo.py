@@ -149,7 +149,9 @@ def main() -> None:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = a.repeats or (10 if device.type == "cuda" else 1)
-    config = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold)
+    # sparse_min_flops=0: the demo shows the selection at any length (by default, calls this
+    # small run dense attention: PrismConfig.runs_dense).
+    config = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold, sparse_min_flops=0)
     q, k, v = synthetic_qkv(a.length, q_heads=a.q_heads, kv_heads=a.kv_heads,
                             head_dim=a.head_dim, seed=a.seed, device=device, dtype=dtype)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")

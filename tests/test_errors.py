@@ -63,3 +63,37 @@ def test_device_mismatch():
 def test_module_rejects_non_config():
     with pytest.raises(TypeError, match="PrismConfig"):
         PrismAttention({"block_size": 128})
+
+
+def test_flash_attention_layout_is_named_in_the_error():
+    """(B, L, H, D) inputs, the FlashAttention layout: never a silent result along the wrong
+    axis. Long sequences trip the head limit; with GQA the length check fires; both errors
+    say how to transpose."""
+    q = torch.randn(1, 2048, 8, 64)
+    with pytest.raises(ValueError, match="transpose"):
+        prism_attention(q, q, q)
+    k = torch.randn(1, 2048, 2, 64)
+    with pytest.raises(ValueError, match="transpose"):
+        prism_attention(q, k, k)
+
+
+def test_prism_block_mask_and_module_validate_too():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="4 dims"):
+        prism_block_mask(q[0], k)
+    with pytest.raises(ValueError, match="multiple"):
+        PrismAttention()(torch.randn(1, 3, 256, 64), k, v)
+    with pytest.raises(TypeError, match="PrismConfig"):
+        prism_attention(q, k, v, {"high_threshold": 0.9})
+
+
+def test_expanded_and_non_contiguous_inputs_give_the_contiguous_result():
+    """Documented correct result: views (transposed from (B, L, H, D), K/V expanded over the
+    batch) are read as they are."""
+    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8)
+    q = torch.randn(2, 256, 4, 64).transpose(1, 2)
+    k = torch.randn(1, 2, 256, 64).expand(2, -1, -1, -1)
+    v = torch.randn(1, 2, 256, 64).expand(2, -1, -1, -1)
+    want = prism_attention(q.contiguous(), k.contiguous(), v.contiguous(), cfg, compiled=False)
+    got = prism_attention(q, k, v, cfg, compiled=False)
+    torch.testing.assert_close(got, want)
