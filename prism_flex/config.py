@@ -127,7 +127,7 @@ class PrismConfig:
             (host time, pooling, scoring) that a small attention cannot repay. The rule is
             :meth:`runs_dense`; work rather than a length, because the saving grows with
             heads x head dim x length^2. Default 6e11, from the H200 (torch 2.11, one run
-            each, README): Qwen2.5-Coder-0.5B end to end, always-sparse Prism was 27 %
+            each, README, bench/results/h200_ttft.json): Qwen2.5-Coder-0.5B end to end, always-sparse Prism was 27 %
             slower than cuDNN at 8K tokens (1.2e11 FLOPs per layer) and 11 % faster at 16K
             (4.8e11); the Llama-3.1-8B attention shape broke even at 8K (5.5e11: 1.02 vs
             1.00 ms) and was 3.9x faster at 32K. 6e11 keeps every measured call at least as
