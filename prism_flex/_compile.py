@@ -223,7 +223,7 @@ class GraphedStage:
         return type(outputs)(*(t.clone() for t in outputs))
 
     def _capture(self, config: PrismConfig, args: tuple):
-        inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+        inputs = tuple(_static_copy(a) if isinstance(a, Tensor) else a for a in args)
         # Warm up on a side stream (compiles, autotunes, allocates), as CUDA graphs require.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -238,3 +238,12 @@ class GraphedStage:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = run_stage(self.stage, Mode.COMPILED, config, *inputs)
         return graph, inputs, outputs
+
+
+def _static_copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` with its dims marked static as ``t``'s are (``lengths_only_dynamic``):
+    without the marks, the capture's compile would see other guards and compile once more."""
+    copy = t.clone()
+    for dim in getattr(t, "_dynamo_static_indices", ()):
+        torch._dynamo.mark_static(copy, dim)
+    return copy

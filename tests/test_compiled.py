@@ -7,6 +7,7 @@ of the final query block on (``final_block_pool``).
 
 import dataclasses
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,6 +59,28 @@ def test_chunked_scoring_equals_one_shot():
     assert_tables_equal(chunked.to_dense().bool(), one.to_dense().bool(), margin)
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
         assert getattr(chunked, name).shape == getattr(one, name).shape
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_query_chunked_attention_equals_one_shot(compiled):
+    """Long inputs run the queries in chunks, each with its own BlockMask over all keys
+    (pipeline.prism_forward): output and density equal the one-shot call's, Lq < Lkv and a
+    partial last block included."""
+    q, k, v = structured_qkv(1, 4, 2, 1500, 2000, 64, seed=3)
+    chunked_cfg = dataclasses.replace(CFG, max_score_elements=4 * 16 * 3)  # 3 rows per chunk
+    want, want_density = prism_attention(q, k, v, CFG, return_density=True, compiled=compiled)
+    got, density = prism_attention(q, k, v, chunked_cfg, return_density=True, compiled=compiled)
+    torch.testing.assert_close(density, want_density)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_capture_inputs_keep_their_static_dims():
+    """GraphedStage's static inputs keep the marks of lengths_only_dynamic (else the capture
+    compiles the stage once more)."""
+    from prism_flex._compile import _static_copy, lengths_only_dynamic
+
+    (marked,) = lengths_only_dynamic(torch.randn(1, 4, 5, 6))
+    assert _static_copy(marked)._dynamo_static_indices == {1, 3}
 
 
 FIT = dataclasses.replace(CFG, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
