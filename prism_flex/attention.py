@@ -201,7 +201,7 @@ def dense_causal_attention(
     where it takes the inputs. Differentiable.
     """
     check_inputs(q, k, v)
-    return pipeline.dense_attention(q, k, v, scale)
+    return pipeline.dense_attention(q, k, v, scale, Mode.at_entry(compiled=True))
 
 
 def sparse_attention(
@@ -265,22 +265,22 @@ def prism_attention(
     """
     check_inputs(q, k, v)
     _check_config(config)
+    mode = Mode.at_entry(compiled)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if not torch.compiler.is_compiling():
+        if mode is not Mode.TRACED:
             warnings.warn(
                 "prism_attention is inference only: inputs that require grad run dense "
                 "attention (exact, differentiable, no speed-up). For sparse prefill call the "
                 "model under torch.inference_mode() or torch.no_grad().", stacklevel=2)
-        out = pipeline.dense_attention(q, k, v, scale)
+        out = pipeline.dense_attention(q, k, v, scale, mode)
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
         return out
     config.band_dims(q.shape[-1])
-    mode = Mode.at_entry(compiled)
     if mode is not Mode.TRACED and config.runs_dense(q.shape, k.shape[2]):
         # First and lean: below the cost where sparsity pays, the host time of anything
         # else would show (a 4K prefill of a small model is bound by the host).
-        out = pipeline.dense_attention(q.detach(), k.detach(), v.detach(), scale)
+        out = pipeline.dense_attention(q.detach(), k.detach(), v.detach(), scale, mode)
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
         return out

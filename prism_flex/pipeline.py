@@ -201,19 +201,28 @@ _DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float],
+                    mode: Mode) -> Tensor:
     """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V)."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    if mode is Mode.TRACED:
+        # Traced in a user's graph (e.g. training, where the dense path is differentiable):
+        # no backend preference (a host-side setting), and enable_gqa=True whatever the head
+        # counts: compared with dynamic shapes they are a SymBool, which SDPA rejects.
+        return _dense_sdpa(q, k, v, scale, True)
     with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
-        if q_len == kv_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=gqa)
-        if q_len == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(q_len, kv_len), scale=scale, enable_gqa=gqa
-        )
+        return _dense_sdpa(q, k, v, scale, q.shape[1] != k.shape[1])
+
+
+def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bool) -> Tensor:
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(q_len, kv_len), scale=scale, enable_gqa=gqa
+    )
 
 
 def prism_forward(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig,
@@ -226,7 +235,7 @@ def prism_forward(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig,
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
     if config.runs_dense(q.shape, kv_len):
-        out = dense_attention(q, k, v, scale)
+        out = dense_attention(q, k, v, scale, mode)
         return out, torch.ones((batch, hq), dtype=torch.float32, device=q.device)
     bs = config.block_size
     pooled = pool_inputs(q, k, config, mode)

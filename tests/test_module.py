@@ -125,3 +125,21 @@ def test_sdpa_arguments_fail_clearly(kwargs):
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(NotImplementedError, match="PrismAttention"):
         PrismAttention(CFG)(q, q, q, **kwargs)
+
+
+def test_inputs_that_require_grad_inside_a_compiled_training_graph():
+    """The dense path that inputs requiring grad take is traceable with fullgraph and dynamic
+    shapes (a user's compiled training step), and its gradients are SDPA's."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, h, 64, 32, requires_grad=True) for h in (4, 2, 2))
+    step = torch.compile(lambda q, k, v: prism_attention(q, k, v) * 2, dynamic=True,
+                         fullgraph=True)
+    step(q, k, v).square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2
+     ).square().sum().backward()
+    for g, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
