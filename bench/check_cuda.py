@@ -1,7 +1,7 @@
 """GPU correctness check of prism_flex (a check run on the H200, not a CI test).
 
 For each shape and length: the compiled CUDA path against the float64 reference of
-``tests/reference.py``:
+``prism_flex/testing.py``:
 
 - the block mask against the reference selection (rows whose top-p decision is within 1e-5
   of flipping are not compared: the GPU works in float32);
@@ -25,7 +25,7 @@ import torch
 
 import prism_flex
 from prism_flex import PrismAttention, PrismConfig
-from tests import reference as ref
+from prism_flex import testing as ref
 
 from .synthetic import SyntheticSpec, synthetic_qkv
 

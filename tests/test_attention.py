@@ -22,7 +22,7 @@ from prism_flex import (
     prism_block_mask,
 )
 
-from . import reference as ref
+from prism_flex import testing as ref
 from .conftest import assert_tables_equal, structured_qkv
 
 interesting_lengths = st.sampled_from([1, 2, 97, 127, 128, 129, 255, 256, 257, 700, 1025, 2048])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
 
-from . import reference as ref
+from prism_flex import testing as ref
 from .conftest import assert_clear_rows_equal, assert_tables_equal, structured_qkv
 
 # The finer final-block scoring on (instead of the dense final block) so that the compiled

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
 from prism_flex.fit import FIT_THRESHOLDS, fit_positions, fit_rows
 
-from . import reference as ref
+from prism_flex import testing as ref
 from .conftest import MARGIN, assert_clear_rows_equal, structured_qkv
 from .test_attention import problems
 

@@ -1,4 +1,5 @@
-"""Importing prism_flex initialises no CUDA and compiles nothing."""
+"""Importing prism_flex initialises no CUDA, compiles nothing, and leaves the float64
+reference (prism_flex.testing) and the data fetchers (prism_flex.data) unimported."""
 
 import subprocess
 import sys
@@ -19,6 +20,10 @@ def test_import_touches_no_cuda_and_compiles_nothing():
         from torch._dynamo.utils import counters
         assert not counters["stats"], dict(counters["stats"])
         assert not torch.cuda.is_initialized()
+        import sys
+        lazy = ("prism_flex.testing", "prism_flex.data")
+        eager = [m for m in lazy if m in sys.modules]
+        assert not eager, eager
         print("ok")
         """
     )

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from prism_flex import PrismConfig, score_inputs
 from prism_flex.scoring import band, block_softmax, causal_block_geometry, pool_blocks
 
-from . import reference as ref
+from prism_flex import testing as ref
 from .conftest import structured_qkv
 
 lengths = st.sampled_from([1, 2, 97, 127, 128, 129, 255, 256, 300, 1025]) | st.integers(1, 1200)

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from prism_flex.block_mask import compact_blocks
 from prism_flex.selection import combine_selection, top_p_select
 
-from . import reference as ref
+from prism_flex import testing as ref
 
 
 @st.composite

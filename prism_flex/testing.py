@@ -3,6 +3,9 @@
 Written from the method's definitions (token level where the method speaks of tokens, Python
 loops where that is clearer), independent of the vectorised code in ``prism_flex``.
 Shapes: q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lkv, D)``.
+
+Not imported by ``import prism_flex``; the tests and ``bench/check_cuda.py`` use
+``from prism_flex import testing as ref``.
 """
 
 from __future__ import annotations
