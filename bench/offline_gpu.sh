@@ -3,7 +3,7 @@
 # at most ~64 MiB per call, keeping files in /tmp between calls while the machine stays warm.
 #
 # Here (once):
-#   python -m bench.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf .xfer/qwen
+#   python -m prism_flex.data.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf .xfer/qwen
 #   mkdir -p .xfer/texts && cp ~/.cache/prism_flex/texts/austen/*.txt .xfer/texts/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl gguf==0.19.0
 #   (and torchao==0.17.0 for the float8 example; both folders are git-ignored)
@@ -26,7 +26,7 @@ stage)
     ;;
 assemble)
     bash "$0" stage
-    python3 -m bench.models assemble ~/.cache/prism_flex/models/$MODEL $SHA $(ls "$XFER"/$MODEL.part* | sort)
+    python3 -m prism_flex.data.models assemble ~/.cache/prism_flex/models/$MODEL $SHA $(ls "$XFER"/$MODEL.part* | sort)
     ;;
 env)
     # sourced: install the carried wheels once per machine, put them on the path

@@ -21,10 +21,10 @@ over layers and heads of the selected / causally visible blocks, from one extra 
 through a density-recording copy of the attention (``--no-density`` skips it).
 
 Input ids (the ``input`` field of the JSON meta): the first L tokens of ``--text`` (default
-``austen:all``, bench/texts.py; repeated if shorter than L) tokenized with the model's GGUF
-tokenizer; ``--text random`` or ``--random-tiny``, or a text that cannot be loaded (warned),
-gives uniform random ids from a generator seeded with ``--seed``. Prism's density, hence its
-time, depends on the text: random ids make attention flatter than prose. Lengths above the
+``austen:all``, prism_flex/data/texts.py; repeated if shorter than L) tokenized with the
+model's GGUF tokenizer; ``--text random`` or ``--random-tiny``, or a text that cannot be
+loaded (warned), gives uniform random ids from a generator seeded with ``--seed``. Prism's
+density, hence its time, depends on the text: random ids make attention flatter than prose. Lengths above the
 model's trained context (32K for Qwen2.5-Coder-0.5B) still run (RoPE is computed on the fly);
 only the timing is meaningful there.
 
@@ -65,7 +65,7 @@ def log(*a):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a bench.models name")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a prism_flex.data.models name")
     p.add_argument("--model-path", default=None, help="a local .gguf file (overrides --model)")
     p.add_argument("--random-tiny", action="store_true",
                    help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download")
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first call")
-    p.add_argument("--text", default="austen:all", help="bench.texts spec, or 'random'")
+    p.add_argument("--text", default="austen:all", help="prism_flex.data.texts spec, or 'random'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-density", action="store_true", help="skip prism's density forward")
     p.add_argument("--merge", action="store_true",
@@ -90,7 +90,7 @@ def model_label(args) -> str:
 
 
 def load_model(args, device: torch.device):
-    """``(model, tokenizer or None)``; GGUF loading as bench/accuracy.py:load_model."""
+    """``(model, tokenizer or None)``; GGUF loading as eval/accuracy.py:load_model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -106,7 +106,7 @@ def load_model(args, device: torch.device):
     if args.model_path:
         path = Path(args.model_path).expanduser()
     else:
-        from bench.models import fetch
+        from prism_flex.data.models import fetch
 
         path = Path(fetch(args.model))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -119,7 +119,7 @@ def token_ids(tok, vocab: int, length: int, args) -> tuple[torch.Tensor, str]:
     """``(ids (length,), description)``: text tokens (repeated to ``length``) or seeded random."""
     if tok is not None and args.text != "random":
         try:
-            from bench.texts import load_text
+            from prism_flex.data.texts import load_text
 
             # ~4 characters per token in English prose: 6 per token leaves a margin.
             ids = tok(load_text(args.text)[: 6 * length])["input_ids"]

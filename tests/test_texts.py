@@ -1,4 +1,5 @@
-"""bench.texts: the R unserializer / lazy-load reader on hand-built streams, and load_text.
+"""prism_flex.data.texts: the R unserializer / lazy-load reader on hand-built streams, and
+load_text.
 
 No network and no Debian package: the R serialization bytes are written here by hand.
 """
@@ -9,8 +10,9 @@ import zlib
 
 import pytest
 
-from bench import texts
-from bench.texts import RFormatError, RVector, decompress_record, load_text, read_lazyload_db, unserialize
+from prism_flex.data import texts
+from prism_flex.data.texts import (RFormatError, RVector, decompress_record, load_text,
+                                   read_lazyload_db, unserialize)
 
 
 # ---- hand-written R serialization (XDR) ---------------------------------------------------

@@ -19,14 +19,14 @@ Carrying a model to a GPU machine whose calls transfer at most 64 MiB each
 (``slice`` / ``assemble``)::
 
     # here, once:
-    python -m bench.models fetch qwen2.5-coder-0.5b          # prints the cached path
-    python -m bench.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf /tmp/slices
+    python -m prism_flex.data.models fetch qwen2.5-coder-0.5b          # prints the cached path
+    python -m prism_flex.data.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf /tmp/slices
     #   -> /tmp/slices/<file>.part000 ... (each <= 60,000,000 bytes) and prints the sha256 and
     #      the assemble command line
     # then one device call per slice: carry only that slice (e.g. copy it to an ignored folder
     # of the checkout and name that folder in `carry`) and copy it to /tmp/model_slices/ on the
     # remote machine; a last call rebuilds and checks it there:
-    python -m bench.models assemble /tmp/model.gguf <sha256> /tmp/model_slices/*.part*
+    python -m prism_flex.data.models assemble /tmp/model.gguf <sha256> /tmp/model_slices/*.part*
 
 The remote /tmp only survives while the machine stays warm: all those calls must run on one
 held machine (a fresh machine starts bare, and the slices must be copied again).
@@ -308,7 +308,8 @@ def assemble(slices: Sequence[str | os.PathLike], out: str | os.PathLike, sha256
 
 
 def _main(argv: Iterable[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m prism_flex.data.models",
+                                description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the known models")
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
@@ -341,7 +342,7 @@ def _main(argv: Iterable[str] | None = None) -> int:
             pieces = slice_file(args.path, args.outdir, args.max_bytes)
             for piece in pieces:
                 print(f"{piece}  {piece.stat().st_size} bytes")
-            print(f"sha256 {sha}\nrebuild with: python -m bench.models assemble "
+            print(f"sha256 {sha}\nrebuild with: python -m prism_flex.data.models assemble "
                   f"OUT {sha} {' '.join(str(x) for x in pieces)}", file=sys.stderr)
         elif args.cmd == "assemble":
             out = assemble(args.slices, args.out, args.sha256)

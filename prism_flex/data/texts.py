@@ -14,9 +14,9 @@ reading the .deb's ar/tar layers in Python), and decoded by the small R unserial
 R is not needed. The novels are then cached as ``<cache_dir>/austen/<name>.txt``, so only the
 first call needs the Debian archive.
 
-CLI: ``python -m bench.texts austen:emma --head 500`` prints the first characters of the text
-and its character/word/line counts; ``python -m bench.texts austen:list`` prints every novel's
-counts.
+CLI: ``python -m prism_flex.data.texts austen:emma --head 500`` prints the first characters of
+the text and its character/word/line counts; ``python -m prism_flex.data.texts austen:list``
+prints every novel's counts.
 """
 
 from __future__ import annotations
@@ -434,7 +434,8 @@ def _counts(text: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.texts", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m prism_flex.data.texts",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("spec", help="austen:<novel>, austen:all, austen:list, or a UTF-8 text file")
     p.add_argument("--head", type=int, default=500, help="characters to print (default 500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
