@@ -1,11 +1,11 @@
-"""The accuracy-evaluation estimators (bench/estimators.py) on small random inputs, no model."""
+"""The accuracy-evaluation estimators (eval/estimators.py) on small random inputs, no model."""
 
 import math
 
 import pytest
 import torch
 
-from bench import estimators as E
+from eval import estimators as E
 from prism_flex import PrismConfig
 
 BS = 16
@@ -179,7 +179,7 @@ def test_block_moments_use_the_real_tokens_of_the_tail():
 
 @pytest.mark.parametrize("lq,lkv", [(100, 100), (70, 150)])
 def test_budget_experiments_are_valid_tables(lq, lkv):
-    """meanvar, tcal, pcal and ecal (bench.gap's budget experiments): causal block
+    """meanvar, tcal, pcal and ecal (eval.gap's budget experiments): causal block
     distributions, and tables with sink and diagonal."""
     q, k = _qk(lq, lkv, seed=5)
     allowed, _ = E.geometry(lq, lkv, BS, q.device)

@@ -1,8 +1,8 @@
-"""bench/needle.py: pass key prompt construction and scoring (stub tokenizers, no model)."""
+"""eval/needle.py: pass key prompt construction and scoring (stub tokenizers, no model)."""
 
 import pytest
 
-from bench.needle import (NEEDLE, PREFIX, QUESTION, is_correct, make_key, make_prompt,
+from eval.needle import (NEEDLE, PREFIX, QUESTION, is_correct, make_key, make_prompt,
                           needle_position)
 
 

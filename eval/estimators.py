@@ -387,7 +387,7 @@ def tcal_block_probs(q: Tensor, k: Tensor, threshold: float, block_size: int = 1
                      scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
     """Block-mean logits at a per-head temperature fitted so that top-p keeps the true mass.
 
-    Mean pooling ranks key blocks nearly as well as the true mass does (``bench.gap``: the
+    Mean pooling ranks key blocks nearly as well as the true mass does (``eval.gap``: the
     oracle ranking at the same per-row block counts lowers the output error by 1-3 %); what
     it gets wrong is how *many* blocks a row needs, because the softmax of block means is
     sharper or flatter than the true block distribution, by a head-dependent amount. Here the

@@ -1,7 +1,7 @@
 """Needle-in-a-haystack (pass key) retrieval: prompt construction and scoring.
 
 Pure functions; the tokenizer only needs ``encode(text)`` and ``decode(ids)`` (a Hugging Face
-tokenizer, or a stub in the tests). ``bench/accuracy.py --tasks needle`` runs them on a model.
+tokenizer, or a stub in the tests). ``eval/accuracy.py --tasks needle`` runs them on a model.
 """
 
 from __future__ import annotations

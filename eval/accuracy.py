@@ -8,7 +8,7 @@ Tasks:
   plus the ``oracle`` (best possible blocks) at each method's density.
 - ``ppl``: perplexity of the text's first L tokens with ``sdpa`` (``dense``) and with each
   sparse method as the model's attention implementation.
-- ``needle``: pass key retrieval (bench/needle.py): the sentence "The pass key is NNNNN. ..."
+- ``needle``: pass key retrieval (eval/needle.py): the sentence "The pass key is NNNNN. ..."
   inserted at each of ``--depths`` into the text's first tokens, the prompt (at most L tokens)
   ending with "What is the pass key? The pass key is"; greedy generation of ``--new-tokens``
   tokens with each method as the attention implementation; value = exact-match accuracy over
@@ -16,11 +16,11 @@ Tasks:
   ``keys``, ``correct`` and ``generated``.
 
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
-only); see bench/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``,
+only); see eval/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``,
 ``final_block_pool=0``); ``prism_last`` is Prism with ``dense_final_blocks=1`` (the last query
 block of each prefill attends to every earlier block; the library default until 2026-11-30).
 ``subpool_q32k32`` (and, for recall only, ``subpool_q32``, ``subpool_q16``):
-:func:`bench.estimators.subpool_table`, queries / keys mean-pooled over 32 / 32 (32 / 128,
+:func:`eval.estimators.subpool_table`, queries / keys mean-pooled over 32 / 32 (32 / 128,
 16 / 128) tokens, mean of per-sub-row softmaxes.
 ``prism_l0dense`` (ppl and needle): Prism with the model's first layer dense (``sdpa``).
 ``prism_finelast``: Prism (no dense final block) with ``final_block_pool=16``: the last query
@@ -32,9 +32,9 @@ overrides its fields, recorded as ``fit`` in the JSON; ``--fit local_blocks=0`` 
 runs made before 2026-12-01). ``prism_local``: ``prism_finelast`` with ``local_blocks=1``,
 **the library default since 2026-12-01**. ``xattn_local``: ``xattn`` with the same local
 block (``local_blocks=1``), to see whether the peer gains from it too. ``meanvar``, ``tcal``,
-``pcal`` and ``ecal``: the budget experiments of ``bench.gap``
-(:func:`bench.estimators.meanvar_table`, :func:`bench.estimators.tcal_table`,
-:func:`bench.estimators.pcal_table`, :func:`bench.estimators.ecal_table`; ``ecal`` uses V, so
+``pcal`` and ``ecal``: the budget experiments of ``eval.gap``
+(:func:`eval.estimators.meanvar_table`, :func:`eval.estimators.tcal_table`,
+:func:`eval.estimators.pcal_table`, :func:`eval.estimators.ecal_table`; ``ecal`` uses V, so
 it has no recall rows).
 Output JSON::
 
@@ -47,7 +47,7 @@ method whose per-head block counts the oracle matches.
 
 Example (CPU, a few layers)::
 
-    python -m bench.accuracy --model qwen2.5-coder-0.5b --lengths 4096 --tasks recall ppl \\
+    python -m eval.accuracy --model qwen2.5-coder-0.5b --lengths 4096 --tasks recall ppl \\
         --layers 0 8 16 23 --out bench/results/accuracy_cpu.json
 """
 
@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import estimators as E
+from eval import estimators as E
 from prism_flex import PrismConfig
 
 SPARSE = (
@@ -86,7 +86,7 @@ def log(*a):
 def load_model(name: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.models import fetch
+    from prism_flex.data.models import fetch
 
     path = Path(fetch(name))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -97,12 +97,30 @@ def load_model(name: str, device: str):
     return tok, model.to(device).eval()
 
 
+def config_from_fields(fields: list[str]) -> PrismConfig:
+    """A ``PrismConfig`` from ``FIELD=VALUE`` strings (values read as Python literals, e.g.
+    ``final_block_pool=16``; a value that is no literal is kept as a string)."""
+    import ast
+
+    kwargs = {}
+    for item in fields:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected FIELD=VALUE, got {item!r}")
+        try:
+            kwargs[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[name] = value
+    try:
+        return PrismConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"PrismConfig: {e}") from e
+
+
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismConfig:
     if method == "prism_fit":
         # the library's threshold fit: the knob is 1 - output_error; fit: FIELD=VALUE overrides
-        from bench.attention import prism_config
-
-        return dataclasses.replace(prism_config(list(fit)), block_size=bs,
+        return dataclasses.replace(config_from_fields(list(fit)), block_size=bs,
                                    output_error=round(1.0 - thr, 6))
     # "prism" is the paper's method: no extra final-block or local selection (the library
     # default has final_block_pool=16, local_blocks=1).
@@ -128,7 +146,7 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
 
 
 SUBPOOL = {"subpool_q32": (32, 128), "subpool_q16": (16, 128), "subpool_q32k32": (32, 32)}
-# bench.gap's budget experiments that need only q and k (ecal also takes v)
+# eval.gap's budget experiments that need only q and k (ecal also takes v)
 BUDGET = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table}
 
 
@@ -141,7 +159,7 @@ def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
         return BUDGET[method](q, k, thr, bs)
     if method == "ecal":
         if v is None:
-            raise SystemExit("ecal needs V: run it for ppl, needle or bench.gap, not recall")
+            raise SystemExit("ecal needs V: run it for ppl, needle or eval.gap, not recall")
         return E.ecal_table(q, k, v, thr, bs)
     if method == "prism_fit":
         # compiled on CUDA, as the attention runs it (the fit's FlexAttention path)
@@ -342,7 +360,7 @@ def run_ppl(args, model, ids, L, rows):
 
 
 def run_needle(args, model, tok, text, L, rows):
-    from bench.needle import is_correct, make_key, make_prompt
+    from eval.needle import is_correct, make_key, make_prompt
 
     keys = [make_key(args.seed, i) for i in range(len(args.depths))]
     prompts = [torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
@@ -395,7 +413,7 @@ def save(args, rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b",
                    choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
     p.add_argument("--text", default="austen:emma")
@@ -421,7 +439,7 @@ def main(argv=None):
     if args.layers is None and args.device == "cpu":
         args.layers = [0, 8, 16, 23]
 
-    from bench.texts import load_text
+    from prism_flex.data.texts import load_text
 
     t0 = time.time()
     tok, model = load_model(args.model, args.device)

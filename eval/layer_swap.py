@@ -5,7 +5,7 @@ The model runs with estimator ``--base`` (default Prism) in every layer except o
 swap attributes the ``other - base`` gap to layers. Rows: ``{"swap_layer", "ppl"}`` plus the
 all-base and all-other runs (``swap_layer`` = ``"none"`` / ``"all"``).
 
-    python -m bench.layer_swap --length 4096 --threshold 0.9 --out bench/results/runs/x.json
+    python -m eval.layer_swap --length 4096 --threshold 0.9 --out bench/results/runs/x.json
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from bench import accuracy as A
-from bench import estimators as E
+from eval import accuracy as A
+from eval import estimators as E
 
 
 def main(argv=None):
@@ -37,7 +37,7 @@ def main(argv=None):
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from bench.texts import load_text
+    from prism_flex.data.texts import load_text
     from prism_flex.integrations.transformers import prism_mask, register
 
     tok, model = A.load_model(a.model, a.device)

@@ -4,7 +4,7 @@ Mean recall hardly separates the estimators (README: 0.948 vs ~0.948 at equal de
 sub-block estimator that still loses on perplexity), so this looks at what the next layer
 sees: for the captured layers of one dense forward, per method and query head,
 
-- ``density`` and mean ``recall`` (as in ``bench.accuracy``);
+- ``density`` and mean ``recall`` (as in ``eval.accuracy``);
 - ``recall_p5`` / ``recall_min``: the 5th percentile and the minimum over query blocks of the
   block row's recall (the share of that row's true attention mass in its selected blocks):
   the tail that a mean hides;
@@ -12,10 +12,10 @@ sees: for the captured layers of one dense forward, per method and query head,
   ||O_dense||`` over all query tokens (float32, the model's own V), and ``out_err_p99`` over
   query tokens.
 
-    python -m bench.gap --length 4096 --layers 3 10 12 14 19 --threshold 0.9 \\
+    python -m eval.gap --length 4096 --layers 3 10 12 14 19 --threshold 0.9 \\
         --out bench/results/runs/cpu_qwen_gap_4k.json
 
-CPU float32 by default; the methods are those of ``bench.accuracy`` (``prism`` is the paper's
+CPU float32 by default; the methods are those of ``eval.accuracy`` (``prism`` is the paper's
 method, ``prism_finelast`` the library default).
 """
 
@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench import estimators as E
-from bench.accuracy import capture_qk, load_model, log, method_table
+from eval import estimators as E
+from eval.accuracy import capture_qk, load_model, log, method_table
 from prism_flex.scoring import pool_blocks
 
 
@@ -76,7 +76,7 @@ def head_stats(mass, table, out, dense, bs, length):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.gap", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.gap", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b",
                    choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
     p.add_argument("--text", default="austen:emma")
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
                    "and the true-mass ranking (oracle) at each one's counts")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from bench.texts import load_text
+    from prism_flex.data.texts import load_text
 
     tok, model = load_model(args.model, "cpu")
     ids = tok(load_text(args.text), return_tensors="pt").input_ids[:, : args.length]

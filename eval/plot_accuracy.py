@@ -1,9 +1,9 @@
 """Merge accuracy runs into ``bench/results/accuracy.json``, plot them, print README tables.
 
-    python -m bench.plot_accuracy RUN.json [RUN.json ...] --out bench/results/accuracy.json \\
+    python -m eval.plot_accuracy RUN.json [RUN.json ...] --out bench/results/accuracy.json \\
         --plot-dir bench/results --markdown
 
-Each input is an output of ``bench.accuracy`` (rows with ``model, task, L, method, density,
+Each input is an output of ``eval.accuracy`` (rows with ``model, task, L, method, density,
 value, threshold, layer``); the rows are concatenated, each tagged with the ``device`` of its
 run. Plots: recall vs density (mean over the captured layers, thresholds swept; one curve per
 method, one panel per model and length) and perplexity vs density (one panel per length, the
