@@ -44,11 +44,27 @@ cache whose key/value tensors are longer than the tokens seen so far: Prism alig
 bottom-right, so the unwritten slots would be attended as the newest keys; checked in prefill
 and decode, eager and under ``torch.compile``, where it is a run-time ``torch._assert_async``),
 attention dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
+
+How sparse a forward was: run it inside :func:`record_density`::
+
+    with record_density() as rec:
+        model(input_ids)
+    rec.per_layer()   # [(layer, mean density), ...], one host sync here, after the forward
+    rec.mean()
+
+Each Prism attention call made while recording appends a :class:`DensityRecord` (layer, query
+and key lengths, the ``(B, Hq)`` density left on the device, whether the call ran dense).
+Recording is eager only: calls traced into a user's ``torch.compile`` of the model are not
+recorded (appending to a Python list is a side effect a compiled graph does not replay per
+call); run the forward uncompiled to measure it. Outside the context nothing changes: the
+attention function does no extra work and no host sync.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -64,7 +80,15 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-__all__ = ["register", "make_attention_function", "PADDING_ERROR", "STATIC_CACHE_ERROR"]
+__all__ = [
+    "register",
+    "make_attention_function",
+    "record_density",
+    "DensityRecorder",
+    "DensityRecord",
+    "PADDING_ERROR",
+    "STATIC_CACHE_ERROR",
+]
 
 PADDING_ERROR = (
     "prism attention does not support padded batches (or any attention mask other than the "
@@ -268,10 +292,142 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
                 "prism attention does not return attention weights (output_attentions=True)"
             )
         _check_mask(attention_mask, query.shape[2], key.shape[2])
+        recorders = _active_recorders()
         # K/V keep their Hkv heads: prism_attention does GQA natively (no repeat_kv).
-        out = prism_attention(query, key, value, cfg, scale=scaling, compiled=compiled)
+        if not recorders:
+            out = prism_attention(query, key, value, cfg, scale=scaling, compiled=compiled)
+        else:
+            out, density = prism_attention(
+                query, key, value, cfg, scale=scaling, return_density=True, compiled=compiled
+            )
+            dense, density = _ran_dense(cfg, query, key, value), density.detach()
+            for recorder in recorders:
+                recorder._add(module, query.shape[2], key.shape[2], density, dense)
         return out.transpose(1, 2).contiguous(), None
 
     prism_attention_forward.prism_config = config
     prism_attention_forward.prism_compiled = compiled
     return prism_attention_forward
+
+
+@dataclass(frozen=True, eq=False)  # eq by identity: fields hold a tensor
+class DensityRecord:
+    """One Prism attention call made while :func:`record_density` was active.
+
+    Attributes:
+        layer: ``module.layer_idx`` of the attention module, or, for modules without one, the
+            number of calls this recorder had seen before (its call counter).
+        q_len: query length of the call (``Lq``; 1 for a decoding step).
+        kv_len: key length (``Lkv``: cached tokens plus ``Lq``).
+        density: float32 ``(B, Hq)`` on the call's device: selected / causally visible blocks.
+        dense: the call ran dense attention (below the config's size floor, or inputs that
+            require grad); its density is 1.0.
+    """
+
+    layer: int
+    q_len: int
+    kv_len: int
+    density: Tensor
+    dense: bool
+
+
+class DensityRecorder:
+    """Collects a :class:`DensityRecord` per Prism attention call; made by :func:`record_density`.
+
+    ``records`` holds them in call order: one per layer per forward (a ``generate`` adds one
+    per layer per decoding step too; filter on ``q_len`` for the prefill). The densities stay
+    on the device while the model runs; :meth:`per_layer` and :meth:`mean` read them back.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[DensityRecord] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def clear(self) -> None:
+        """Drop the records (e.g. between the forwards of one context)."""
+        self.records.clear()
+
+    def per_layer(self) -> list[tuple[int, float]]:
+        """``[(layer, mean density), ...]`` sorted by layer; ``[]`` when nothing was recorded.
+
+        Each layer's value is the mean over its records of the record's mean over ``(B, Hq)``.
+        One host sync (call it after the forward, not inside it).
+        """
+        means = self._record_means()
+        by_layer: dict[int, list[float]] = {}
+        for record, value in zip(self.records, means):
+            by_layer.setdefault(record.layer, []).append(value)
+        return [(layer, sum(v) / len(v)) for layer, v in sorted(by_layer.items())]
+
+    def mean(self) -> float:
+        """Mean density over all records (each call's ``(B, Hq)`` mean weighted equally).
+
+        One host sync. Raises ``ValueError`` when nothing was recorded.
+        """
+        means = self._record_means()
+        if not means:
+            raise ValueError(
+                "no density recorded: run the model's forward inside `with record_density()`, "
+                "with attn_implementation set to a name from register(), and uncompiled "
+                "(calls inside torch.compile are not recorded)"
+            )
+        return sum(means) / len(means)
+
+    def _record_means(self) -> list[float]:
+        if not self.records:
+            return []
+        device = self.records[0].density.device
+        # One stack and one .tolist(): a single host sync instead of one per record (records
+        # of a model split over devices are first gathered on the first record's device).
+        stacked = torch.stack([r.density.float().mean().to(device) for r in self.records])
+        return stacked.tolist()
+
+    def _add(self, module, q_len: int, kv_len: int, density: Tensor, dense: bool) -> None:
+        layer = getattr(module, "layer_idx", None)
+        if not isinstance(layer, int):
+            layer = len(self.records)
+        self.records.append(DensityRecord(layer, q_len, kv_len, density, dense))
+
+
+# The recorders of the open record_density() contexts, innermost last. Module-level and not
+# thread-local: one Python thread drives a model's forward, and the integration is inference
+# only, so a forward on another thread while recording is not a case to support. Every open
+# recorder gets each record, so an inner context does not hide calls from an outer one.
+_RECORDERS: list[DensityRecorder] = []
+
+
+@contextlib.contextmanager
+def record_density() -> Iterator[DensityRecorder]:
+    """Record the block density of every Prism attention call made inside the ``with``.
+
+    Yields a :class:`DensityRecorder`; its records stay readable after the ``with``. Eager
+    only: calls traced into ``torch.compile`` are not recorded (see the module docstring).
+    """
+    recorder = DensityRecorder()
+    _RECORDERS.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDERS.remove(recorder)
+
+
+def _active_recorders() -> list[DensityRecorder]:
+    """The open recorders, or ``[]`` while tracing (a compiled graph does not record)."""
+    # is_compiling() first: under dynamo it folds to True and the global list is never read,
+    # so opening or closing a recorder does not invalidate a user's compiled model.
+    if torch.compiler.is_compiling():
+        return []
+    return _RECORDERS
+
+
+def _ran_dense(config: PrismConfig, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`prism_flex.prism_attention` took its dense path for these inputs (eager).
+
+    The same two host-side tests it makes: inputs that require grad, or a call below the
+    config's size floor. No tensor is read.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return True
+    return config.runs_dense(q.shape, k.shape[2])
