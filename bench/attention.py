@@ -278,8 +278,14 @@ def make_inputs(shape: Shape, seq_len: int, n_sets: int, s: Settings) -> list[tu
     spec = SyntheticSpec(rope_base=shape.rope_base)
     return [
         synthetic_qkv(
-            shape.hq, shape.hkv, seq_len, shape.head_dim, spec=spec, dtype=s.dtype,
-            device=s.device, seed=s.seed + 1000 * i + seq_len,
+            shape.hq,
+            shape.hkv,
+            seq_len,
+            shape.head_dim,
+            spec=spec,
+            dtype=s.dtype,
+            device=s.device,
+            seed=s.seed + 1000 * i + seq_len,
         )
         for i in range(n_sets)
     ]
@@ -306,7 +312,11 @@ def dense_causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
 
 
 def random_causal_block_mask(
-    heads: int, seq_len: int, density: float, device: torch.device, seed: int,
+    heads: int,
+    seq_len: int,
+    density: float,
+    device: torch.device,
+    seed: int,
     block_size: int = 128,
 ) -> BlockMask:
     """A random causal block mask with about ``density`` of the visible blocks, per query head.
@@ -447,8 +457,9 @@ def setup_prism_total(sets, config) -> Case:
     def check():
         # prism_attention must equal the compiled flex on its own mask, bit for bit.
         q, k, v = sets[0]
-        alone = flex(q, k, v, block_mask=prism_flex.prism_block_mask(q, k, config, v=v),
-                     enable_gqa=True)
+        alone = flex(
+            q, k, v, block_mask=prism_flex.prism_block_mask(q, k, config, v=v), enable_gqa=True
+        )
         return {"max_abs_err": max_abs_diff(run(0), alone), "err_ref": "prism_sparse"}
 
     return Case(run, density, check=check)
@@ -493,20 +504,38 @@ def setup_case(name: str, sets, shape: Shape, seq_len: int, config, s: Settings)
 
 def base_row(shape: Shape, seq_len: int, method: str, run: str, s: Settings) -> dict:
     return {
-        "shape": shape.name, "L": seq_len, "method": method, "ms": None, "density": None,
-        "peak_gib": None, "input": INPUT_LABEL, "run": run, "batch": 1, "hq": shape.hq,
-        "hkv": shape.hkv, "head_dim": shape.head_dim, "dtype": str(s.dtype).replace("torch.", ""),
+        "shape": shape.name,
+        "L": seq_len,
+        "method": method,
+        "ms": None,
+        "density": None,
+        "peak_gib": None,
+        "input": INPUT_LABEL,
+        "run": run,
+        "batch": 1,
+        "hq": shape.hq,
+        "hkv": shape.hkv,
+        "head_dim": shape.head_dim,
+        "dtype": str(s.dtype).replace("torch.", ""),
     }
 
 
 def skipped_rows(shape: Shape, seq_len: int, methods, run: str, s: Settings) -> list[dict]:
     print(f"[{shape.name} {fmt_len(seq_len)}] skipped: time budget exhausted", flush=True)
-    return [dict(base_row(shape, seq_len, m, run, s), error="skipped: time budget exhausted")
-            for m in methods]
+    return [
+        dict(base_row(shape, seq_len, m, run, s), error="skipped: time budget exhausted")
+        for m in methods
+    ]
 
 
 def measure_row(
-    name: str, shape: Shape, seq_len: int, sets: list[tuple], config, s: Settings, run: str,
+    name: str,
+    shape: Shape,
+    seq_len: int,
+    sets: list[tuple],
+    config,
+    s: Settings,
+    run: str,
     check: bool = True,
 ) -> dict:
     """Set up, time and check one method; failures (OOM included) become the row's ``error``."""
@@ -521,8 +550,14 @@ def measure_row(
     try:
         case = setup_case(name, sets, shape, seq_len, config, s)
         timing = time_case(case.fn, len(sets), s)
-        row.update(ms=timing.ms, reps=timing.reps, peak_gib=timing.peak_gib,
-                   extra_gib=timing.extra_gib, density=case.density, **case.info)
+        row.update(
+            ms=timing.ms,
+            reps=timing.reps,
+            peak_gib=timing.peak_gib,
+            extra_gib=timing.extra_gib,
+            density=case.density,
+            **case.info,
+        )
         if check and case.check is not None:
             row.update(case.check())
     except torch.OutOfMemoryError:
@@ -569,8 +604,11 @@ def bench_length(shape: Shape, seq_len: int, methods: list[str], config, s: Sett
     t0 = time.perf_counter()
     sets = make_inputs(shape, seq_len, n_sets, s)
     sync(s.device)
-    print(f"[{shape.name} {fmt_len(seq_len)}] {n_sets} input set(s) in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"[{shape.name} {fmt_len(seq_len)}] {n_sets} input set(s) in "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     rows = []
     for name in methods:
         row = measure_row(name, shape, seq_len, sets, config, s, run="sweep")
@@ -596,20 +634,25 @@ def bench_memory(shape: Shape, seq_len: int, dense_max: int, config, s: Settings
         sets = make_inputs(shape, seq_len, 1, s)
     except torch.OutOfMemoryError:
         free_memory(s.device)
-        return [dict(base_row(shape, seq_len, m, "memory", s), error="OOM (inputs)")
-                for m in methods]
+        return [
+            dict(base_row(shape, seq_len, m, "memory", s), error="OOM (inputs)") for m in methods
+        ]
     inputs_gib = sum(t.numel() * t.element_size() for t in sets[0]) / GIB
     rows = []
     for name in methods:
-        row = measure_row(name, shape, seq_len, sets, config, s, run="memory",
-                          check=name != "prism_total")
+        row = measure_row(
+            name, shape, seq_len, sets, config, s, run="memory", check=name != "prism_total"
+        )
         row["inputs_gib"] = inputs_gib
         if row.get("peak_gib") is not None:
             # Here "extra" is the peak minus the inputs' bytes: the scoring path's own memory
             # (prism_select) or scoring + mask + output (prism_total).
             row["extra_gib"] = row["peak_gib"] - inputs_gib
-        print(f"  [memory {fmt_len(seq_len)}] {name:<14} {fmt_ms(row.get('ms'))} ms  "
-              f"peak {fmt_num(row.get('peak_gib'))} GiB  {row.get('error', '')}", flush=True)
+        print(
+            f"  [memory {fmt_len(seq_len)}] {name:<14} {fmt_ms(row.get('ms'))} ms  "
+            f"peak {fmt_num(row.get('peak_gib'))} GiB  {row.get('error', '')}",
+            flush=True,
+        )
         rows.append(row)
     del sets
     free_memory(s.device)
@@ -637,25 +680,33 @@ def short_name(base: str) -> str:
 def print_table(rows: list[dict], shape: Shape, s: Settings) -> None:
     """One table per shape: time, speedups, density, selection share, FLOP-floor ratio, error."""
     bases = baseline_names(s)
-    head = (f"{'L':>5} {'method':<18} {'ms':>10} "
-            + " ".join(f"{short_name(b):>8}" for b in bases)
-            + f" {'density':>8} {'sel/tot':>8} {'t/floor':>8} {'err':>9}")
-    print(f"\n== {shape.name}: Hq={shape.hq} Hkv={shape.hkv} D={shape.head_dim} "
-          f"{str(s.dtype).replace('torch.', '')} batch 1, causal, input {INPUT_LABEL}")
+    head = (
+        f"{'L':>5} {'method':<18} {'ms':>10} "
+        + " ".join(f"{short_name(b):>8}" for b in bases)
+        + f" {'density':>8} {'sel/tot':>8} {'t/floor':>8} {'err':>9}"
+    )
+    print(
+        f"\n== {shape.name}: Hq={shape.hq} Hkv={shape.hkv} D={shape.head_dim} "
+        f"{str(s.dtype).replace('torch.', '')} batch 1, causal, input {INPUT_LABEL}"
+    )
     print(head)
     lengths = sorted({r["L"] for r in rows if r["run"] == "sweep"})
     for seq_len in lengths:
         floor = flop_floor_ms(shape, seq_len, 1.0, s.peak_tflops)
-        print(f"-- L={fmt_len(seq_len)}: dense causal FLOP floor {floor:.3f} ms "
-              f"at {s.peak_tflops:g} TFLOP/s")
+        print(
+            f"-- L={fmt_len(seq_len)}: dense causal FLOP floor {floor:.3f} ms "
+            f"at {s.peak_tflops:g} TFLOP/s"
+        )
         for r in rows:
             if r["L"] != seq_len or r["run"] != "sweep":
                 continue
-            line = (f"{fmt_len(seq_len):>5} {r['method']:<18} {fmt_ms(r.get('ms'))} "
-                    + " ".join(f"{fmt_num(r.get('speedup_vs_' + b)):>8}" for b in bases)
-                    + f" {fmt_num(r.get('density'), '.3f'):>8} {fmt_num(r.get('select_share')):>8}"
-                    + f" {fmt_num(r.get('floor_ratio'), '.1f'):>8} "
-                    + f"{fmt_num(r.get('max_abs_err'), '.2e'):>9}")
+            line = (
+                f"{fmt_len(seq_len):>5} {r['method']:<18} {fmt_ms(r.get('ms'))} "
+                + " ".join(f"{fmt_num(r.get('speedup_vs_' + b)):>8}" for b in bases)
+                + f" {fmt_num(r.get('density'), '.3f'):>8} {fmt_num(r.get('select_share')):>8}"
+                + f" {fmt_num(r.get('floor_ratio'), '.1f'):>8} "
+                + f"{fmt_num(r.get('max_abs_err'), '.2e'):>9}"
+            )
             if r.get("error"):
                 line += f"  [{r['error'][:60]}]"
             print(line)
@@ -666,13 +717,17 @@ def print_memory_table(rows: list[dict]) -> None:
     if not rows:
         return
     print(f"\n== memory run ({rows[0]['shape']}): one input set, peak = max_memory_allocated")
-    print(f"{'L':>5} {'method':<14} {'ms':>10} {'density':>8} {'peak GiB':>9} {'extra GiB':>9} "
-          f"{'inputs':>7}")
+    print(
+        f"{'L':>5} {'method':<14} {'ms':>10} {'density':>8} {'peak GiB':>9} {'extra GiB':>9} "
+        f"{'inputs':>7}"
+    )
     for r in rows:
-        print(f"{fmt_len(r['L']):>5} {r['method']:<14} {fmt_ms(r.get('ms'))} "
-              f"{fmt_num(r.get('density'), '.3f'):>8} {fmt_num(r.get('peak_gib')):>9} "
-              f"{fmt_num(r.get('extra_gib')):>9} {fmt_num(r.get('inputs_gib')):>7}"
-              + (f"  [{r['error'][:60]}]" if r.get("error") else ""))
+        print(
+            f"{fmt_len(r['L']):>5} {r['method']:<14} {fmt_ms(r.get('ms'))} "
+            f"{fmt_num(r.get('density'), '.3f'):>8} {fmt_num(r.get('peak_gib')):>9} "
+            f"{fmt_num(r.get('extra_gib')):>9} {fmt_num(r.get('inputs_gib')):>7}"
+            + (f"  [{r['error'][:60]}]" if r.get("error") else "")
+        )
 
 
 def compile_summary(rows: list[dict]) -> dict:
@@ -755,8 +810,10 @@ def plot_speedups(path: str, rows: list[dict], s: Settings) -> None:
         lengths = sorted({r["L"] for r in mine})
         ax.set_xticks(lengths, [fmt_len(n) for n in lengths])
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title(f"{shape} ({SHAPES[shape].hq}/{SHAPES[shape].hkv} heads, "
-                     f"D={SHAPES[shape].head_dim}), {INPUT_LABEL}")
+        ax.set_title(
+            f"{shape} ({SHAPES[shape].hq}/{SHAPES[shape].hkv} heads, "
+            f"D={SHAPES[shape].head_dim}), {INPUT_LABEL}"
+        )
         ax.set_xlabel("sequence length")
         ax.set_ylabel(f"speedup vs {ref}")
         ax.grid(alpha=0.3)
@@ -779,45 +836,101 @@ def parse_args(argv=None) -> argparse.Namespace:
         "FlexAttention on synthetic post-RoPE inputs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["llama", "qwen"],
-                   help="llama: 32 query / 8 KV heads, D=128; qwen: 14 / 2, D=64")
-    p.add_argument("--lengths", nargs="+", type=int,
-                   default=[8192, 16384, 32768, 65536, 131072], help="sweep sequence lengths")
-    p.add_argument("--memory-lengths", nargs="*", type=int, default=None,
-                   help="long-context memory run (llama shape); give none to skip "
-                   "(default: 262144 524288 1048576 on CUDA, skipped on CPU)")
-    p.add_argument("--memory-dense-max", type=int, default=262144,
-                   help="also time flex_dense in the memory run up to this length")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=["llama", "qwen"],
+        help="llama: 32 query / 8 KV heads, D=128; qwen: 14 / 2, D=64",
+    )
+    p.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[8192, 16384, 32768, 65536, 131072],
+        help="sweep sequence lengths",
+    )
+    p.add_argument(
+        "--memory-lengths",
+        nargs="*",
+        type=int,
+        default=None,
+        help="long-context memory run (llama shape); give none to skip "
+        "(default: 262144 524288 1048576 on CUDA, skipped on CPU)",
+    )
+    p.add_argument(
+        "--memory-dense-max",
+        type=int,
+        default=262144,
+        help="also time flex_dense in the memory run up to this length",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS) + [CPU_REFERENCE], default=None,
-                   help="restrict the methods (default: all that the device runs)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="Prism top-p threshold for both bands (default: PrismConfig's)")
-    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="other PrismConfig fields, e.g. final_block_pool=16 dense_final_blocks=0")
-    p.add_argument("--reps", type=int, default=None,
-                   help="timed repetitions (default: adaptive, about --target-s per measurement)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS) + [CPU_REFERENCE],
+        default=None,
+        help="restrict the methods (default: all that the device runs)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="Prism top-p threshold for both bands (default: PrismConfig's)",
+    )
+    p.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other PrismConfig fields, e.g. final_block_pool=16 dense_final_blocks=0",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions (default: adaptive, about --target-s per measurement)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compiles included)")
-    p.add_argument("--target-s", type=float, default=0.3,
-                   help="adaptive reps: seconds per measurement")
+    p.add_argument(
+        "--target-s", type=float, default=0.3, help="adaptive reps: seconds per measurement"
+    )
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=200)
-    p.add_argument("--input-sets", type=int, default=4,
-                   help="input sets rotated during timing (fewer when they exceed --input-gib)")
+    p.add_argument(
+        "--input-sets",
+        type=int,
+        default=4,
+        help="input sets rotated during timing (fewer when they exceed --input-gib)",
+    )
     p.add_argument("--input-gib", type=float, default=8.0, help="memory budget of the input sets")
-    p.add_argument("--peak-tflops", type=float, default=790.0,
-                   help="peak dense bf16 throughput for the FLOP floor (H200: ~790)")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="soft wall-clock budget: rows starting later are recorded as skipped")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=790.0,
+        help="peak dense bf16 throughput for the FLOP floor (H200: ~790)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="soft wall-clock budget: rows starting later are recorded as skipped",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="JSON results (default: bench/results/h200_attention.json on CUDA, "
-                   "bench/results/cpu_smoke_attention.json on CPU, so a smoke test never "
-                   "overwrites GPU results)")
-    p.add_argument("--plot", default=None,
-                   help="speedup plot, '' skips (default: bench/results/h200_speedup.png on "
-                   "CUDA, bench/results/cpu_smoke_speedup.png on CPU)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON results (default: bench/results/h200_attention.json on CUDA, "
+        "bench/results/cpu_smoke_attention.json on CPU, so a smoke test never "
+        "overwrites GPU results)",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="speedup plot, '' skips (default: bench/results/h200_speedup.png on "
+        "CUDA, bench/results/cpu_smoke_speedup.png on CPU)",
+    )
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
     if args.memory_lengths is None:
@@ -881,10 +994,18 @@ def make_settings(args: argparse.Namespace, start: float) -> Settings:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return Settings(
-        device=device, dtype=DTYPES[args.dtype], warmup=args.warmup, reps=args.reps,
-        target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps,
-        max_input_sets=args.input_sets, input_budget_gib=args.input_gib,
-        peak_tflops=args.peak_tflops, deadline=start + args.budget_s, seed=args.seed,
+        device=device,
+        dtype=DTYPES[args.dtype],
+        warmup=args.warmup,
+        reps=args.reps,
+        target_s=args.target_s,
+        min_reps=args.min_reps,
+        max_reps=args.max_reps,
+        max_input_sets=args.input_sets,
+        input_budget_gib=args.input_gib,
+        peak_tflops=args.peak_tflops,
+        deadline=start + args.budget_s,
+        seed=args.seed,
     )
 
 
@@ -911,8 +1032,7 @@ def main(argv=None) -> int:
     print_memory_table(rows)
 
     summary = compile_summary(rows)
-    write_json(args.out, dict(meta, dynamo=summary,
-                              total_s=time.monotonic() - start), rows)
+    write_json(args.out, dict(meta, dynamo=summary, total_s=time.monotonic() - start), rows)
     print("\ndynamo graphs compiled (first compiles + recompiles):")
     for key, val in summary.items():
         print(f"  {key}: {val}")

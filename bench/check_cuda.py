@@ -31,9 +31,19 @@ from .synthetic import SyntheticSpec, synthetic_qkv
 
 SHAPES = {"llama": (32, 8, 128, 500000.0), "qwen": (14, 2, 64, 1e6)}
 # (q_len, kv_len): two warm-up calls, then eight lengths that must compile nothing new.
-SWEEP = [(8192, 8192), (5000, 9000), (4096, 4096), (6000, 6000), (8191, 8191), (10000, 12000),
-         (12288, 12288), (16000, 16000), (3000, 20000), (20480, 20480)]
-SMALL_SWEEP = [(l // 8, l2 // 8) for l, l2 in SWEEP]
+SWEEP = [
+    (8192, 8192),
+    (5000, 9000),
+    (4096, 4096),
+    (6000, 6000),
+    (8191, 8191),
+    (10000, 12000),
+    (12288, 12288),
+    (16000, 16000),
+    (3000, 20000),
+    (20480, 20480),
+]
+SMALL_SWEEP = [(lq // 8, lkv // 8) for lq, lkv in SWEEP]
 
 
 def sampled_blocks(nq: int, count: int, gen: torch.Generator) -> list[int]:
@@ -54,14 +64,17 @@ def token_reference(q, k, v, table, blocks, bs, dtype):
         sel = table[:, h][:, rows // bs].repeat_interleave(bs, dim=-1)[..., :lkv]  # (B, R, Lkv)
         s = (q[:, h, rows].to(dtype) @ k[:, kh].to(dtype).transpose(-1, -2)) / math.sqrt(d)
         s = s.masked_fill(~(sel & causal), float("-inf"))
-        out[:, h] = torch.softmax(s.float() if dtype != torch.float64 else s, -1).to(dtype) @ v[:, kh].to(dtype)
+        out[:, h] = torch.softmax(s.float() if dtype != torch.float64 else s, -1).to(dtype) @ v[
+            :, kh
+        ].to(dtype)
     return out, rows
 
 
 def check_one(shape: str, lq: int, lkv: int, sample: int, seed: int, device: str) -> dict:
     hq, hkv, d, base = SHAPES[shape]
-    q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device=device,
-                            seed=seed)
+    q, k, v = synthetic_qkv(
+        hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device=device, seed=seed
+    )
     q = q[:, :, lkv - lq :].contiguous()
     cfg = PrismConfig(sparse_min_flops=0)  # the selection itself, at every length
     mask = prism_flex.prism_block_mask(q, k, cfg)
@@ -79,9 +92,15 @@ def check_one(shape: str, lq: int, lkv: int, sample: int, seed: int, device: str
     err = ((ours - r64).norm() / r64.norm()).item()
     err_bf16 = ((rbf.double() - r64).norm() / r64.norm()).item()
     row = {
-        "shape": shape, "Lq": lq, "Lkv": lkv, "density": density.mean().item(),
-        "mask_equal_on_clear_rows": mask_equal, "clear_rows": clear.float().mean().item(),
-        "sampled_query_blocks": len(blocks), "rel_err": err, "rel_err_bf16_reference": err_bf16,
+        "shape": shape,
+        "Lq": lq,
+        "Lkv": lkv,
+        "density": density.mean().item(),
+        "mask_equal_on_clear_rows": mask_equal,
+        "clear_rows": clear.float().mean().item(),
+        "sampled_query_blocks": len(blocks),
+        "rel_err": err,
+        "rel_err_bf16_reference": err_bf16,
         "err_ratio": err / err_bf16 if err_bf16 > 0 else float("inf"),
         "finite": bool(torch.isfinite(out).all()),
     }
@@ -95,9 +114,14 @@ def check_user_compile(device: str) -> dict:
     fn = torch.compile(lambda q, k, v: attn(q, k, v) * 1.0, dynamic=True, fullgraph=True)
     hq, hkv, d, base = SHAPES["qwen"]
     out = {}
-    for lq, lkv in [(4096, 4096), (2048, 6144), (3000, 8000)] if device == "cuda" else [(1024, 1024), (600, 1500)]:
-        q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base),
-                                device=device, seed=lkv)
+    for lq, lkv in (
+        [(4096, 4096), (2048, 6144), (3000, 8000)]
+        if device == "cuda"
+        else [(1024, 1024), (600, 1500)]
+    ):
+        q, k, v = synthetic_qkv(
+            hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device=device, seed=lkv
+        )
         q = q[:, :, lkv - lq :].contiguous()
         got, want = fn(q, k, v), attn(q, k, v)
         out[f"{lq}x{lkv}"] = (got.float() - want.float()).abs().max().item()
@@ -112,8 +136,9 @@ def check_recompiles(device: str, lengths) -> int:
     cfg = PrismConfig(sparse_min_flops=0)  # the selection itself, at every length
 
     def call(lq, lkv):
-        q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base),
-                                device=device, seed=1)
+        q, k, v = synthetic_qkv(
+            hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device=device, seed=1
+        )
         prism_flex.prism_attention(q[:, :, lkv - lq :], k, v, cfg)
 
     call(*lengths[0]), call(*lengths[1])
@@ -137,13 +162,20 @@ def main() -> None:
     for shape in a.shapes:
         for length in a.lengths:
             rows.append(check_one(shape, length, length, a.sample, seed=length, device=a.device))
-        rows.append(check_one(shape, a.lengths[0] // 2 + 77, a.lengths[0], a.sample, seed=3, device=a.device))
+        rows.append(
+            check_one(
+                shape, a.lengths[0] // 2 + 77, a.lengths[0], a.sample, seed=3, device=a.device
+            )
+        )
     result = {
         "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
         "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "rows": rows,
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
         "user_compile_max_abs_diff": check_user_compile(a.device),
-        "graphs_compiled_in_sweep": check_recompiles(a.device, SWEEP if a.device == "cuda" else SMALL_SWEEP),
+        "graphs_compiled_in_sweep": check_recompiles(
+            a.device, SWEEP if a.device == "cuda" else SMALL_SWEEP
+        ),
     }
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

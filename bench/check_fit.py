@@ -30,8 +30,9 @@ from .synthetic import SyntheticSpec, synthetic_qkv
 
 def check(shape, lq, lkv, cfg) -> dict:
     hq, hkv, d, base = SHAPES[shape]
-    q, k, v = synthetic_qkv(hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device="cuda",
-                            seed=lkv)
+    q, k, v = synthetic_qkv(
+        hq, hkv, lkv, d, spec=SyntheticSpec(rope_base=base), device="cuda", seed=lkv
+    )
     q = q[:, :, lkv - lq :].contiguous()
     compiled = prism_flex.prism_block_mask(q, k, cfg, v=v)
     eager = prism_flex.prism_block_mask(q, k, cfg, v=v, compiled=False)
@@ -39,11 +40,15 @@ def check(shape, lq, lkv, cfg) -> dict:
     same_heads = (tc == te).flatten(2).all(-1).float().mean().item()
     plain = dataclasses.replace(cfg, output_error=None)
     row = dict(
-        shape=shape, Lq=lq, Lkv=lkv, same_heads=same_heads,
+        shape=shape,
+        Lq=lq,
+        Lkv=lkv,
+        same_heads=same_heads,
         density_compiled=prism_flex.block_density(compiled).mean().item(),
         density_eager=prism_flex.block_density(eager).mean().item(),
-        density_no_fit=prism_flex.block_density(
-            prism_flex.prism_block_mask(q, k, plain)).mean().item(),
+        density_no_fit=prism_flex.block_density(prism_flex.prism_block_mask(q, k, plain))
+        .mean()
+        .item(),
         ms_fit=do_bench(lambda: prism_flex.prism_block_mask(q, k, cfg, v=v)),
         ms_no_fit=do_bench(lambda: prism_flex.prism_block_mask(q, k, plain)),
     )
@@ -71,8 +76,16 @@ def main() -> None:
             lq, lkv = map(int, case.split("x"))
             rows.append(check(shape, lq, lkv, cfg))
     with open(a.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "config": repr(cfg), "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "config": repr(cfg),
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

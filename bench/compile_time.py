@@ -31,11 +31,18 @@ def main(argv=None):
     from prism_flex import PrismConfig, prism_block_mask
 
     # the configuration of tests/test_compiled.py (with and without the fit)
-    cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8,
-                      dense_final_blocks=0, final_block_pool=32)
+    cfg = PrismConfig(
+        dense_below=0,
+        sparse_min_flops=0,
+        high_threshold=0.8,
+        low_threshold=0.8,
+        dense_final_blocks=0,
+        final_block_pool=32,
+    )
     if args.fit:
-        cfg = PrismConfig(**{**cfg.__dict__, "output_error": 0.1, "fit_query_blocks": 3,
-                             "fit_tokens": 16})
+        cfg = PrismConfig(
+            **{**cfg.__dict__, "output_error": 0.1, "fit_query_blocks": 3, "fit_tokens": 16}
+        )
     g = torch.Generator().manual_seed(0)
     rows = []
     for pair in args.lengths:
@@ -48,8 +55,11 @@ def main(argv=None):
         seconds = time.perf_counter() - t
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         rows.append(dict(lq=lq, lkv=lkv, fit=args.fit, first_call_s=seconds, graphs=graphs))
-        print(f"Lq={lq} Lkv={lkv} fit={args.fit}: first call {seconds:.1f} s, "
-              f"{graphs} graphs compiled so far", flush=True)
+        print(
+            f"Lq={lq} Lkv={lkv} fit={args.fit}: first call {seconds:.1f} s, "
+            f"{graphs} graphs compiled so far",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(torch=torch.__version__, device=args.device, rows=rows), f, indent=1)

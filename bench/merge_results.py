@@ -38,8 +38,11 @@ def main() -> None:
 
 
 def _ms(rows, shape, length, method):
-    hit = [r for r in rows if (r["shape"], r["L"], r["method"]) == (shape, length, method)
-           and r.get("ms") is not None]
+    hit = [
+        r
+        for r in rows
+        if (r["shape"], r["L"], r["method"]) == (shape, length, method) and r.get("ms") is not None
+    ]
     return hit[0] if hit else None
 
 
@@ -49,8 +52,10 @@ def markdown_tables(rows: list[dict]) -> str:
     sweep = [r for r in rows if r["run"] == "sweep"]
     for shape in dict.fromkeys(r["shape"] for r in sweep):
         out.append(f"\n**{shape}** (ms, median; speedup vs sdpa_flash / sdpa_cudnn)\n")
-        out.append("| L | sdpa_flash | sdpa_cudnn | flex_dense | prism_select | prism_sparse "
-                   "| prism_total | Prism density | select share | flex_density_0.1 |")
+        out.append(
+            "| L | sdpa_flash | sdpa_cudnn | flex_dense | prism_select | prism_sparse "
+            "| prism_total | Prism density | select share | flex_density_0.1 |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for length in sorted({r["L"] for r in sweep if r["shape"] == shape}):
             get = lambda m: _ms(sweep, shape, length, m)  # noqa: E731
@@ -58,8 +63,12 @@ def markdown_tables(rows: list[dict]) -> str:
             cells = [f"{length // 1024}K"]
             for m in ("sdpa_flash", "sdpa_cudnn", "flex_dense", "prism_select", "prism_sparse"):
                 cells.append(f"{get(m)['ms']:.2f}" if get(m) else "-")
-            cells.append(f"{total['ms']:.2f} ({total['speedup_vs_sdpa_flash']:.1f}x / "
-                         f"{total['speedup_vs_sdpa_cudnn']:.1f}x)" if total else "-")
+            cells.append(
+                f"{total['ms']:.2f} ({total['speedup_vs_sdpa_flash']:.1f}x / "
+                f"{total['speedup_vs_sdpa_cudnn']:.1f}x)"
+                if total
+                else "-"
+            )
             cells.append(f"{total['density']:.3f}" if total else "-")
             cells.append(f"{get('prism_select')['ms'] / total['ms']:.0%}" if total else "-")
             cells.append(f"{get('flex_density_0.1')['ms']:.2f}" if get("flex_density_0.1") else "-")
@@ -70,8 +79,10 @@ def markdown_tables(rows: list[dict]) -> str:
         out.append("| L | method | ms | density | peak GiB | beyond inputs GiB |")
         out.append("|---|---|---|---|---|---|")
         for r in memory:
-            out.append(f"| {r['L'] // 1024}K | {r['method']} | {r['ms']:.1f} | {r['density']:.3f} "
-                       f"| {r['peak_gib']:.2f} | {r['extra_gib']:.2f} |")
+            out.append(
+                f"| {r['L'] // 1024}K | {r['method']} | {r['ms']:.1f} | {r['density']:.3f} "
+                f"| {r['peak_gib']:.2f} | {r['extra_gib']:.2f} |"
+            )
     return "\n".join(out) + "\n"
 
 

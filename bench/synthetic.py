@@ -201,7 +201,8 @@ def _head_params(hq: int, hkv: int, d: int, spec: SyntheticSpec, gen, device) ->
     a_heavy = amplitudes(sink_logit)
     return {
         "content": (
-            content_q * a_content[0][:, None, None], content_k * a_content[1][:, None, None]
+            content_q * a_content[0][:, None, None],
+            content_k * a_content[1][:, None, None],
         ),
         "local": (local_q * a_local[0][:, None], local_k * a_local[1][:, None]),
         # Queries carry a constant bias along the heavy direction; keys carry it only at the
@@ -215,8 +216,14 @@ def _head_params(hq: int, hkv: int, d: int, spec: SyntheticSpec, gen, device) ->
 def _segments(seq_len: int, spec: SyntheticSpec, gen, device) -> tuple[Tensor, Tensor]:
     """Segment start positions ``(S,)`` (first is 0) and the topic of each segment ``(S,)``."""
     n = max(1, 2 * seq_len // spec.mean_segment + 8)
-    lengths = (-torch.log(torch.rand(n, generator=gen, device=device).clamp_min(1e-12))
-               * spec.mean_segment).clamp_min(16).long()
+    lengths = (
+        (
+            -torch.log(torch.rand(n, generator=gen, device=device).clamp_min(1e-12))
+            * spec.mean_segment
+        )
+        .clamp_min(16)
+        .long()
+    )
     starts = torch.cumsum(lengths, 0) - lengths
     topics = torch.randint(0, spec.topics, (n,), generator=gen, device=device)
     # About twice as many segments as needed; should the lengths fall short, the last segment
@@ -268,8 +275,12 @@ def _chunk(pos, params, starts, seg_topic, topic_emb, spec, gen):
     c = len(pos)
     seg = torch.searchsorted(starts, pos, right=True) - 1
     z = topic_emb[seg_topic[seg]]
-    z = _unit(z + spec.token_noise / math.sqrt(spec.rank)
-              * torch.randn(z.shape, generator=gen, device=device))
+    z = _unit(
+        z
+        + spec.token_noise
+        / math.sqrt(spec.rank)
+        * torch.randn(z.shape, generator=gen, device=device)
+    )
     content_q, content_k = params["content"]
     local_q, local_k = params["local"]
     heavy_q, heavy_k = params["heavy"]

@@ -24,9 +24,9 @@ Input ids (the ``input`` field of the JSON meta): the first L tokens of ``--text
 ``austen:all``, prism_flex/data/texts.py; repeated if shorter than L) tokenized with the
 model's GGUF tokenizer; ``--text random`` or ``--random-tiny``, or a text that cannot be
 loaded (warned), gives uniform random ids from a generator seeded with ``--seed``. Prism's
-density, hence its time, depends on the text: random ids make attention flatter than prose. Lengths above the
-model's trained context (32K for Qwen2.5-Coder-0.5B) still run (RoPE is computed on the fly);
-only the timing is meaningful there.
+density, hence its time, depends on the text: random ids make attention flatter than prose.
+Lengths above the model's trained context (32K for Qwen2.5-Coder-0.5B) still run (RoPE is
+computed on the fly); only the timing is meaningful there.
 
 Example (H200; the GGUF assembled by bench/offline_gpu.sh)::
 
@@ -67,8 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a prism_flex.data.models name")
     p.add_argument("--model-path", default=None, help="a local .gguf file (overrides --model)")
-    p.add_argument("--random-tiny", action="store_true",
-                   help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download")
+    p.add_argument(
+        "--random-tiny",
+        action="store_true",
+        help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
@@ -77,8 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text", default="austen:all", help="prism_flex.data.texts spec, or 'random'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-density", action="store_true", help="skip prism's density forward")
-    p.add_argument("--merge", action="store_true",
-                   help="keep --out's rows of other (model, method, length) cases")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep --out's rows of other (model, method, length) cases",
+    )
     p.add_argument("--out", default="bench/results/h200_ttft.json")
     return p.parse_args(argv)
 
@@ -97,9 +103,16 @@ def load_model(args, device: torch.device):
     if args.random_tiny:
         from transformers import Qwen2Config
 
-        cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=32, intermediate_size=128,
-                          vocab_size=512, max_position_embeddings=max(args.lengths))
+        cfg = Qwen2Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=128,
+            vocab_size=512,
+            max_position_embeddings=max(args.lengths),
+        )
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
         return model.to(device).eval(), None
@@ -111,7 +124,8 @@ def load_model(args, device: torch.device):
         path = Path(fetch(args.model))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, attn_implementation="sdpa", dtype=dtype)
+        str(path.parent), gguf_file=path.name, attn_implementation="sdpa", dtype=dtype
+    )
     return model.to(device).eval(), tok
 
 
@@ -149,8 +163,9 @@ def register_prism(device: torch.device) -> None:
     register(dataclasses.replace(cfg, sparse_min_flops=0), ALWAYS_SPARSE, compiled=compiled)
 
     def with_density(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        out, dens = prism_attention(query, key, value, cfg, scale=scaling, return_density=True,
-                                    compiled=compiled)
+        out, dens = prism_attention(
+            query, key, value, cfg, scale=scaling, return_density=True, compiled=compiled
+        )
         DENSITIES.append(float(dens.float().mean()))
         return out.transpose(1, 2).contiguous(), None
 
@@ -164,8 +179,9 @@ def backend_context(method: str, device: torch.device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
-               "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[method]
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[
+        method
+    ]
     return sdpa_kernel(backend)
 
 
@@ -211,9 +227,15 @@ def measure(model, ids, method, args, device) -> dict:
     sync(device)
     g1 = graphs()
     times = [time_call(model, ids, device) for _ in range(args.reps)]
-    row = dict(status="ok", median_ms=statistics.median(times), min_ms=min(times),
-               times_ms=times, first_call_ms=first, graphs_warmup=g1 - g0,
-               graphs_timed=graphs() - g1)
+    row = dict(
+        status="ok",
+        median_ms=statistics.median(times),
+        min_ms=min(times),
+        times_ms=times,
+        first_call_ms=first,
+        graphs_warmup=g1 - g0,
+        graphs_timed=graphs() - g1,
+    )
     if method == "prism" and not args.no_density:
         DENSITIES.clear()
         model.set_attn_implementation(DENSITY_NAME)
@@ -260,15 +282,30 @@ def meta(args, device, input_desc: str) -> dict:
             return None
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - not a checkout
         commit = None
-    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"cpu {platform.processor() or platform.machine()}")
-    return dict(gpu=gpu, torch=torch.__version__, transformers=version("transformers"),
-                triton=version("triton"), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                commit=commit, input=input_desc, args=vars(args))
+    gpu = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu {platform.processor() or platform.machine()}"
+    )
+    return dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        transformers=version("transformers"),
+        triton=version("triton"),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        commit=commit,
+        input=input_desc,
+        args=vars(args),
+    )
 
 
 def fmt(x, spec):
@@ -276,8 +313,10 @@ def fmt(x, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | method | L | median ms | min ms | vs cudnn | vs flash | density "
-            "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 12 + "|")
+    head = (
+        "| model | method | L | median ms | min ms | vs cudnn | vs flash | density "
+        "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 12 + "|"
+    )
     lines = [head]
     for r in rows:
         lines.append(
@@ -286,7 +325,8 @@ def table(rows: list[dict]) -> str:
             f"| {fmt(r.get('speedup_vs_sdpa_flash'), '.2f')} | {fmt(r.get('density'), '.3f')} "
             f"| {fmt(r.get('first_call_ms') and r['first_call_ms'] / 1e3, '.2f')} "
             f"| {fmt(r.get('graphs_warmup'), 'd')} | {fmt(r.get('graphs_timed'), 'd')} "
-            f"| {r['status']} |")
+            f"| {r['status']} |"
+        )
     return "\n".join(lines)
 
 
@@ -321,8 +361,11 @@ def main(argv=None) -> dict:
     add_speedups(rows)
     print(table(rows))
     for method in args.methods:  # recompiles after the first length: the dynamic-shape check
-        later = [r.get("graphs_warmup", 0) + r.get("graphs_timed", 0)
-                 for r in rows if r["method"] == method and not r["cold"]]
+        later = [
+            r.get("graphs_warmup", 0) + r.get("graphs_timed", 0)
+            for r in rows
+            if r["method"] == method and not r["cold"]
+        ]
         print(f"{method}: graphs compiled at lengths after the first: {sum(later)}")
     print(f"JSON: {out}")
     return dict(meta=info, rows=rows)

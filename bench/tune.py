@@ -94,8 +94,17 @@ def two_stage_mask(q, k, cfg):
     mode = Mode.COMPILED
     pooled = pipeline.pool_inputs(q, k, cfg, mode)
     scores = pipeline.band_scores(pooled, cfg, mode)
-    return run_stage(select_tables, mode, cfg, scores, 0, pooled.q_pool.shape[2], q.shape[2],
-                     k.shape[2], *Thresholds.of(cfg))
+    return run_stage(
+        select_tables,
+        mode,
+        cfg,
+        scores,
+        0,
+        pooled.q_pool.shape[2],
+        q.shape[2],
+        k.shape[2],
+        *Thresholds.of(cfg),
+    )
 
 
 def run_select(lengths, out, cfg, two_stage=True):
@@ -109,8 +118,12 @@ def run_select(lengths, out, cfg, two_stage=True):
         first = time.perf_counter() - t0
         fused = lambda q=q, k=k, v=v: prism_flex.prism_block_mask(q, k, cfg, v=v)  # noqa: E731
         row = dict(
-            L=L, first_call_s=first, density=float(prism_flex.block_density(mask).mean()),
-            ms=do_bench(fused), host_us=host_us(fused), graph_ms=graph_replay_ms(fused),
+            L=L,
+            first_call_s=first,
+            density=float(prism_flex.block_density(mask).mean()),
+            ms=do_bench(fused),
+            host_us=host_us(fused),
+            graph_ms=graph_replay_ms(fused),
         )
         if two_stage and cfg.output_error is None:
             two = lambda q=q, k=k: two_stage_mask(q, k, cfg)  # noqa: E731
@@ -148,8 +161,9 @@ def run_host(lengths, out, cfg):
             "compiled_stage": lambda: run_stage(score_and_select_tables, mode, cfg, *args),
             "graphed_stage": lambda: graphed(cfg, *args),
             "block_mask_from_tables": lambda: block_mask_from_tables(*tables, 0, L, L, bs),
-            "empty_launch_x24": lambda: [torch.empty(1, device=q.device).add_(1)
-                                         for _ in range(24)],
+            "empty_launch_x24": lambda: [
+                torch.empty(1, device=q.device).add_(1) for _ in range(24)
+            ],
         }
         row = {"L": L}
         for name, fn in fns.items():
@@ -174,6 +188,7 @@ def run_kernel(L, out):
         # a fresh compiled function per option set: kernel_options are compile-time constants
         flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         for mname, mask in masks.items():
+
             def fn(mask=mask, flex=flex, opts=opts):
                 return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=dict(opts))
 
@@ -184,10 +199,12 @@ def run_kernel(L, out):
                     default_out[mname] = o
                 elif mname in default_out:
                     row["max_abs_diff_vs_default"] = float(
-                        (o.float() - default_out[mname].float()).abs().max())
+                        (o.float() - default_out[mname].float()).abs().max()
+                    )
             except Exception as e:  # noqa: BLE001 - an option the kernel rejects is a result
-                row = dict(options=name, mask=mname, L=L,
-                           error=f"{type(e).__name__}: {str(e)[:300]}")
+                row = dict(
+                    options=name, mask=mname, L=L, error=f"{type(e).__name__}: {str(e)[:300]}"
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
         torch._dynamo.reset()
@@ -205,14 +222,18 @@ def run_profile(lengths, out_dir, cfg):
             for _ in range(5):
                 prism_flex.prism_block_mask(q, k, cfg, v=v)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
-                                          max_name_column_width=70)
-        cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25,
-                                        max_name_column_width=70)
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+        )
+        cpu = prof.key_averages().table(
+            sort_by="cpu_time_total", row_limit=25, max_name_column_width=70
+        )
         with open(os.path.join(out_dir, f"profile_select_{L // 1024}k.txt"), "w") as f:
-            f.write(f"# prism_block_mask, llama shape, L={L}, 5 calls, {prism_flex.__file__}, "
-                    f"{cfg}\n## by CUDA time\n{table}\n"
-                    f"## by CPU time\n{cpu}\n")
+            f.write(
+                f"# prism_block_mask, llama shape, L={L}, 5 calls, {prism_flex.__file__}, "
+                f"{cfg}\n## by CUDA time\n{table}\n"
+                f"## by CPU time\n{cpu}\n"
+            )
         del q, k
 
 
@@ -244,8 +265,7 @@ def run_micro(L, out):
     for w in (256, 512):
         part = probs[..., :w].contiguous()
         add(f"sort_f32_width{w}", lambda part=part: torch.sort(part, -1, descending=True).values)
-    static_sort = torch.compile(lambda x: torch.sort(x, -1, descending=True).values,
-                                dynamic=False)
+    static_sort = torch.compile(lambda x: torch.sort(x, -1, descending=True).values, dynamic=False)
     add("sort_f32_full_inductor_static", lambda: static_sort(probs))
     add("topk_f32_k128", lambda: torch.topk(probs, 128, -1).values)
     add("cumsum_f32_full", lambda: torch.cumsum(probs, -1))
@@ -255,6 +275,7 @@ def run_micro(L, out):
     add("compact_compiled", lambda: comp(table))
     q, k, _ = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
     from prism_flex.scoring import pool_blocks
+
     pool = torch.compile(pool_blocks, dynamic=True)
     add("pool_q_compiled", lambda: pool(q, 128))
     add("pool_k_compiled", lambda: pool(k, 128))
@@ -287,9 +308,15 @@ def run_memory(L, out, base_cfg):
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         extra = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
-        row = dict(L=L, max_score_elements=elements, ms=ms, extra_gib=extra,
-                   tables_gib=tables_gib, scoring_gib=extra - tables_gib,
-                   density=float(prism_flex.block_density(mask).mean()))
+        row = dict(
+            L=L,
+            max_score_elements=elements,
+            ms=ms,
+            extra_gib=extra,
+            tables_gib=tables_gib,
+            scoring_gib=extra - tables_gib,
+            density=float(prism_flex.block_density(mask).mean()),
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
         del mask
@@ -299,24 +326,35 @@ def run_memory(L, out, base_cfg):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+",
-                   default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--kernel-length", type=int, default=131072)
     p.add_argument("--profile-lengths", type=int, nargs="*", default=[16384, 131072])
     p.add_argument("--micro-lengths", type=int, nargs="*", default=[65536, 131072])
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[1048576])
     p.add_argument("--parts", nargs="+", default=["select", "profile", "kernel"])
     p.add_argument("--out-dir", default="bench/results")
-    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="PrismConfig fields for the select, profile and memory parts")
-    p.add_argument("--no-two-stage", action="store_true",
-                   help="select: skip the two-graph variant (e.g. when timing older code)")
+    p.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="PrismConfig fields for the select, profile and memory parts",
+    )
+    p.add_argument(
+        "--no-two-stage",
+        action="store_true",
+        help="select: skip the two-graph variant (e.g. when timing older code)",
+    )
     a = p.parse_args()
     cfg = prism_config(a.config)
     os.makedirs(a.out_dir, exist_ok=True)
-    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "package": prism_flex.__file__,
-           "config": repr(cfg)}
+    out = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "package": prism_flex.__file__,
+        "config": repr(cfg),
+    }
     path = os.path.join(a.out_dir, "h200_tune.json")
     for part in a.parts:
         t0 = time.time()

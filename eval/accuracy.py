@@ -71,8 +71,21 @@ from eval import estimators as E
 from prism_flex import PrismConfig
 
 SPARSE = (
-    "prism", "prism_nocal", "meanpool", "xattn", "prism_last", "subpool_q32k32", "prism_l0dense",
-    "prism_finelast", "meanvar", "tcal", "pcal", "ecal", "prism_fit", "prism_local", "xattn_local",
+    "prism",
+    "prism_nocal",
+    "meanpool",
+    "xattn",
+    "prism_last",
+    "subpool_q32k32",
+    "prism_l0dense",
+    "prism_finelast",
+    "meanvar",
+    "tcal",
+    "pcal",
+    "ecal",
+    "prism_fit",
+    "prism_local",
+    "xattn_local",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -91,7 +104,9 @@ def load_model(name: str, device: str):
     path = Path(fetch(name))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, attn_implementation="sdpa",
+        str(path.parent),
+        gguf_file=path.name,
+        attn_implementation="sdpa",
         dtype=torch.float32 if device == "cpu" else torch.bfloat16,
     )
     return tok, model.to(device).eval()
@@ -120,14 +135,22 @@ def config_from_fields(fields: list[str]) -> PrismConfig:
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismConfig:
     if method == "prism_fit":
         # the library's threshold fit: the knob is 1 - output_error; fit: FIELD=VALUE overrides
-        return dataclasses.replace(config_from_fields(list(fit)), block_size=bs,
-                                   output_error=round(1.0 - thr, 6))
+        return dataclasses.replace(
+            config_from_fields(list(fit)), block_size=bs, output_error=round(1.0 - thr, 6)
+        )
     # "prism" is the paper's method: no extra final-block or local selection (the library
     # default has final_block_pool=16, local_blocks=1).
     # sparse_min_flops=0: the accuracy work measures the selection at every length (the
     # library's dense dispatch of small calls is a speed rule, bench/ttft.py).
-    cfg = PrismConfig(block_size=bs, high_threshold=thr, low_threshold=thr, dense_final_blocks=0,
-                      final_block_pool=0, local_blocks=0, sparse_min_flops=0)
+    cfg = PrismConfig(
+        block_size=bs,
+        high_threshold=thr,
+        low_threshold=thr,
+        dense_final_blocks=0,
+        final_block_pool=0,
+        local_blocks=0,
+        sparse_min_flops=0,
+    )
     if method == "prism":
         return cfg
     if method == "prism_nocal":
@@ -163,8 +186,9 @@ def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
         return E.ecal_table(q, k, v, thr, bs)
     if method == "prism_fit":
         # compiled on CUDA, as the attention runs it (the fit's FlexAttention path)
-        return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs, fit), v=v,
-                             compiled=q.is_cuda)
+        return E.prism_table(
+            q, k, prism_cfg(method, thr, q.shape[-1], bs, fit), v=v, compiled=q.is_cuda
+        )
     return E.prism_table(q, k, prism_cfg(method, thr, q.shape[-1], bs), compiled=False)
 
 
@@ -207,8 +231,9 @@ def run_recall(args, model, ids, L, rows):
     store = capture_qk(model, ids, layers)
     log(f"recall L={L}: captured {len(store)} layers in {time.time() - t0:.1f}s")
     # prism_l0dense differs from prism only in which layers run dense: no recall of its own
-    methods = [m for m in args.methods
-               if (m in SPARSE or m in RECALL_ONLY) and m != "prism_l0dense"]
+    methods = [
+        m for m in args.methods if (m in SPARSE or m in RECALL_ONLY) and m != "prism_l0dense"
+    ]
     per = {}  # (method, thr[, ref]) -> list of (density, recall)
     for layer in sorted(store):
         q, k = store[layer]
@@ -222,20 +247,41 @@ def run_recall(args, model, ids, L, rows):
                 entries = [(m, None, dens, rec)]
                 if "oracle" in args.methods:
                     ot = E.oracle_table(mass, table, L, L, args.block_size)
-                    entries.append(("oracle", m, float(E.density(ot, L, L, args.block_size).mean()),
-                                    float(E.recall_from_mass(mass, ot, L).mean())))
+                    entries.append(
+                        (
+                            "oracle",
+                            m,
+                            float(E.density(ot, L, L, args.block_size).mean()),
+                            float(E.recall_from_mass(mass, ot, L).mean()),
+                        )
+                    )
                 for name, ref, dens, rec in entries:
-                    row = dict(model=args.model, task="recall", L=L, method=name, density=dens,
-                               value=rec, threshold=thr, layer=layer)
+                    row = dict(
+                        model=args.model,
+                        task="recall",
+                        L=L,
+                        method=name,
+                        density=dens,
+                        value=rec,
+                        threshold=thr,
+                        layer=layer,
+                    )
                     if ref:
                         row["reference"] = ref
                     rows.append(row)
                     per.setdefault((name, thr, ref), []).append((dens, rec))
         log(f"  layer {layer}: {time.time() - t0:.1f}s")
     for (name, thr, ref), vals in per.items():
-        row = dict(model=args.model, task="recall", L=L, method=name,
-                   density=sum(v[0] for v in vals) / len(vals),
-                   value=sum(v[1] for v in vals) / len(vals), threshold=thr, layer="mean")
+        row = dict(
+            model=args.model,
+            task="recall",
+            L=L,
+            method=name,
+            density=sum(v[0] for v in vals) / len(vals),
+            value=sum(v[1] for v in vals) / len(vals),
+            threshold=thr,
+            layer="mean",
+        )
         if ref:
             row["reference"] = ref
         rows.append(row)
@@ -252,8 +298,11 @@ def perplexity(model, ids, chunk=512) -> float:
         for s in range(0, ids.shape[1] - 1, chunk):
             e = min(ids.shape[1] - 1, s + chunk)
             logits = model.lm_head(h[:, s:e]).float()
-            nll += float(F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(),
-                                         reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="sum"
+                )
+            )
             n += e - s
     return math.exp(nll / n)
 
@@ -291,29 +340,49 @@ def register_method(method, thr, head_dim, args, densities) -> str:
     name = f"acc_{method}_{thr}_{next(_NAMES)}"
     bs = args.block_size
     if method in ("xattn", "xattn_local"):
-        E.register_xattn(thr, name, compiled=not args.eager, block_size=bs, stride=args.stride,
-                         local_blocks=int(method == "xattn_local"))
+        E.register_xattn(
+            thr,
+            name,
+            compiled=not args.eager,
+            block_size=bs,
+            stride=args.stride,
+            local_blocks=int(method == "xattn_local"),
+        )
     elif method in SUBPOOL:
         q_sub, k_sub = SUBPOOL[method]
-        E.register_table_method(name, E.make_table_attention_function(
-            lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
-            bs, compiled=not args.eager))
+        E.register_table_method(
+            name,
+            E.make_table_attention_function(
+                lambda q, k, scale: E.subpool_table(q, k, thr, bs, q_sub, k_sub, scale=scale),
+                bs,
+                compiled=not args.eager,
+            ),
+        )
     elif method == "ecal":
         table_fn = lambda q, k, scale, v: E.ecal_table(q, k, v, thr, bs, scale=scale)  # noqa: E731
         table_fn.needs_v = True
-        E.register_table_method(name, E.make_table_attention_function(
-            table_fn, bs, compiled=not args.eager))
+        E.register_table_method(
+            name, E.make_table_attention_function(table_fn, bs, compiled=not args.eager)
+        )
     elif method in BUDGET:
-        E.register_table_method(name, E.make_table_attention_function(
-            lambda q, k, scale: BUDGET[method](q, k, thr, bs, scale=scale),
-            bs, compiled=not args.eager))
+        E.register_table_method(
+            name,
+            E.make_table_attention_function(
+                lambda q, k, scale: BUDGET[method](q, k, thr, bs, scale=scale),
+                bs,
+                compiled=not args.eager,
+            ),
+        )
     else:
         register(prism_cfg(method, thr, head_dim, bs, args.fit), name, compiled=not args.eager)
     fn = ALL_ATTENTION_FUNCTIONS[name]
     wrapped = _with_density(
-        fn, densities,
-        lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v, args.fit), bs,
-        dense_layers=(0,) if method == "prism_l0dense" else ())
+        fn,
+        densities,
+        lambda q, k, v: method_table(method, q, k, thr, bs, args.stride, v, args.fit),
+        bs,
+        dense_layers=(0,) if method == "prism_l0dense" else (),
+    )
     AttentionInterface.register(name, wrapped)
     return name
 
@@ -349,10 +418,19 @@ def run_ppl(args, model, ids, L, rows):
         with attention_method(model, method, thr, args) as densities:
             ppl = perplexity(model, ids)
         dens = mean_density(densities)
-        rows.append(dict(model=args.model, task="ppl", L=L, method=method, density=dens,
-                         value=ppl, threshold=thr, layer="mean"))
-        log(f"ppl L={L} {method} thr={thr}: {ppl:.4f} density {dens:.3f} "
-            f"({time.time() - t0:.1f}s)")
+        rows.append(
+            dict(
+                model=args.model,
+                task="ppl",
+                L=L,
+                method=method,
+                density=dens,
+                value=ppl,
+                threshold=thr,
+                layer="mean",
+            )
+        )
+        log(f"ppl L={L} {method} thr={thr}: {ppl:.4f} density {dens:.3f} ({time.time() - t0:.1f}s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +441,10 @@ def run_needle(args, model, tok, text, L, rows):
     from eval.needle import is_correct, make_key, make_prompt
 
     keys = [make_key(args.seed, i) for i in range(len(args.depths))]
-    prompts = [torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
-               for d, k in zip(args.depths, keys)]
+    prompts = [
+        torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
+        for d, k in zip(args.depths, keys)
+    ]
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     for method, thr in _jobs(args):
         t0 = time.time()
@@ -374,66 +454,123 @@ def run_needle(args, model, tok, text, L, rows):
                 t1 = time.time()
                 with torch.no_grad():
                     out = model.generate(
-                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                        do_sample=False, pad_token_id=pad, temperature=None, top_p=None,
-                        top_k=None)
-                gen = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=pad,
+                        temperature=None,
+                        top_p=None,
+                        top_k=None,
+                    )
+                gen = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
                 generated.append(gen)
                 correct.append(is_correct(gen, key))
-                log(f"  needle L={L} {method} thr={thr} depth={depth} key={key}: {gen!r} "
-                    f"{'ok' if correct[-1] else 'MISS'} ({time.time() - t1:.1f}s)")
+                log(
+                    f"  needle L={L} {method} thr={thr} depth={depth} key={key}: {gen!r} "
+                    f"{'ok' if correct[-1] else 'MISS'} ({time.time() - t1:.1f}s)"
+                )
         dens = mean_density(densities)
         acc = sum(correct) / len(correct)
-        rows.append(dict(model=args.model, task="needle", L=L, method=method, density=dens,
-                         value=acc, threshold=thr, layer="mean", depths=list(args.depths),
-                         keys=keys, correct=correct, generated=generated))
-        log(f"needle L={L} {method} thr={thr}: accuracy {acc:.3f} density {dens:.3f} "
-            f"({time.time() - t0:.1f}s)")
+        rows.append(
+            dict(
+                model=args.model,
+                task="needle",
+                L=L,
+                method=method,
+                density=dens,
+                value=acc,
+                threshold=thr,
+                layer="mean",
+                depths=list(args.depths),
+                keys=keys,
+                correct=correct,
+                generated=generated,
+            )
+        )
+        log(
+            f"needle L={L} {method} thr={thr}: accuracy {acc:.3f} density {dens:.3f} "
+            f"({time.time() - t0:.1f}s)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def format_table(rows) -> str:
-    out = ["| task | L | method | threshold | layer | density | value |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| task | L | method | threshold | layer | density | value |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m = r["method"] + (f" (@{r['reference']})" if r.get("reference") else "")
         thr = "" if r["threshold"] is None else f"{r['threshold']:g}"
-        out.append(f"| {r['task']} | {r['L']} | {m} | {thr} | {r['layer']} | "
-                   f"{r['density']:.3f} | {r['value']:.4f} |")
+        out.append(
+            f"| {r['task']} | {r['L']} | {m} | {thr} | {r['layer']} | "
+            f"{r['density']:.3f} | {r['value']:.4f} |"
+        )
     return "\n".join(out)
 
 
 def save(args, rows):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "text": args.text, "device": args.device,
-                   "fit": args.fit, "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "model": args.model,
+                "text": args.text,
+                "device": args.device,
+                "fit": args.fit,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.accuracy", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="qwen2.5-coder-0.5b",
-                   choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
+    p.add_argument(
+        "--model", default="qwen2.5-coder-0.5b", choices=["qwen2.5-coder-0.5b", "smollm2-135m"]
+    )
     p.add_argument("--text", default="austen:emma")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    p.add_argument("--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl", "needle"])
+    p.add_argument(
+        "--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl", "needle"]
+    )
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95])
-    p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="layers captured for recall (default: all on cuda, 0 8 16 23 on cpu)")
-    p.add_argument("--depths", type=float, nargs="+", default=[i / 10 for i in range(10)],
-                   help="needle: relative positions of the pass key (default 0.0 .. 0.9)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="layers captured for recall (default: all on cuda, 0 8 16 23 on cpu)",
+    )
+    p.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=[i / 10 for i in range(10)],
+        help="needle: relative positions of the pass key (default 0.0 .. 0.9)",
+    )
     p.add_argument("--new-tokens", type=int, default=8, help="needle: tokens generated")
     p.add_argument("--seed", type=int, default=0, help="needle: pass key seed")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--fit", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="prism_fit: PrismConfig overrides, e.g. fit_tokens=128")
+    p.add_argument(
+        "--fit",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="prism_fit: PrismConfig overrides, e.g. fit_tokens=128",
+    )
     p.add_argument("--stride", type=int, default=8, help="xattn antidiagonal stride")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eager", action="store_true",
-                   help="ppl: run the sparse attention uncompiled (O(L^2) memory; tests only)")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="ppl: run the sparse attention uncompiled (O(L^2) memory; tests only)",
+    )
     p.add_argument("--out", default="bench/results/accuracy_cpu.json")
     args = p.parse_args(argv)
     if args.layers is None and args.device == "cpu":

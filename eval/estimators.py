@@ -114,8 +114,9 @@ def density(table: Tensor, q_len: int, kv_len: int, bs: int) -> Tensor:
 # Prism and its ablations
 
 
-def prism_table(q: Tensor, k: Tensor, cfg: PrismConfig, *, v: Optional[Tensor] = None,
-                compiled: bool = False) -> Tensor:
+def prism_table(
+    q: Tensor, k: Tensor, cfg: PrismConfig, *, v: Optional[Tensor] = None, compiled: bool = False
+) -> Tensor:
     """Prism's selection as a bool table (``prism_block_mask(...).to_dense()``); ``v`` for
     ``cfg.output_error``."""
     return prism_block_mask(q, k, cfg, v=v, compiled=compiled).to_dense().bool()
@@ -131,8 +132,13 @@ def meanpool_config(cfg: PrismConfig, head_dim: int) -> PrismConfig:
     calibration is off, so both bands compute the same softmax of ``q̄ k̄ᵀ / sqrt(D)`` and their
     union is a single top-p set (thresholds: ``cfg.high_threshold`` for both)."""
     return dataclasses.replace(
-        cfg, high_band_dims=head_dim, low_band_dims=head_dim, calibrate=False,
-        high_temperature=1.0, low_temperature=1.0, low_threshold=cfg.high_threshold,
+        cfg,
+        high_band_dims=head_dim,
+        low_band_dims=head_dim,
+        calibrate=False,
+        high_temperature=1.0,
+        low_temperature=1.0,
+        low_threshold=cfg.high_threshold,
     )
 
 
@@ -214,7 +220,12 @@ def _mean_sub_row_softmax(qs, ks, scale, visible, gq, gk, nq, nk, rows_per_chunk
 
 
 def xattn_block_probs(
-    q: Tensor, k: Tensor, block_size: int = 128, stride: int = 8, *, scale: Optional[float] = None,
+    q: Tensor,
+    k: Tensor,
+    block_size: int = 128,
+    stride: int = 8,
+    *,
+    scale: Optional[float] = None,
     rows_per_chunk: int = 64,
 ) -> Tensor:
     """XAttention-style block probabilities, float32 ``(B, Hq, Nq, Nk)``, rows summing to 1.
@@ -245,8 +256,14 @@ def xattn_block_probs(
 
 
 def xattn_table(
-    q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, stride: int = 8,
-    *, scale: Optional[float] = None, local_blocks: int = 0,
+    q: Tensor,
+    k: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    stride: int = 8,
+    *,
+    scale: Optional[float] = None,
+    local_blocks: int = 0,
 ) -> Tensor:
     """XAttention-style selection: per query block, the top-p (``threshold``, Prism's rule:
     keep while the mass ranked before is below it) of :func:`xattn_block_probs`, plus sink and
@@ -258,8 +275,9 @@ def xattn_table(
     probs = probs.masked_fill(~allowed, 0.0)
     selected = top_p_select(probs, threshold)
     if local_blocks:
-        selected = selected | local_table(q.shape[2], k.shape[2], block_size, local_blocks,
-                                          q.device)
+        selected = selected | local_table(
+            q.shape[2], k.shape[2], block_size, local_blocks, q.device
+        )
     return finalize(selected, q.shape[2], k.shape[2], block_size)
 
 
@@ -275,8 +293,14 @@ def local_table(q_len: int, kv_len: int, bs: int, local_blocks: int, device) -> 
 
 
 def subpool_block_probs(
-    q: Tensor, k: Tensor, block_size: int = 128, q_sub: int = 32, k_sub: int = 128, *,
-    scale: Optional[float] = None, rows_per_chunk: int = 64,
+    q: Tensor,
+    k: Tensor,
+    block_size: int = 128,
+    q_sub: int = 32,
+    k_sub: int = 128,
+    *,
+    scale: Optional[float] = None,
+    rows_per_chunk: int = 64,
 ) -> Tensor:
     """Block probabilities from queries mean-pooled over ``q_sub`` tokens and keys over
     ``k_sub`` tokens (both dividing ``block_size``), all head dims, ``scale = 1/sqrt(D)``.
@@ -307,8 +331,14 @@ def subpool_block_probs(
 
 
 def subpool_table(
-    q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, q_sub: int = 32,
-    k_sub: int = 128, *, scale: Optional[float] = None,
+    q: Tensor,
+    k: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    q_sub: int = 32,
+    k_sub: int = 128,
+    *,
+    scale: Optional[float] = None,
 ) -> Tensor:
     """Top-p of :func:`subpool_block_probs` plus sink and diagonal, causal (as
     :func:`xattn_table`). Bool ``(B, Hq, Nq, Nk)``."""
@@ -332,8 +362,9 @@ def _block_moments(x: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor]:
     return mean, (second - mean * mean).clamp_min(0.0), count
 
 
-def meanvar_block_probs(q: Tensor, k: Tensor, block_size: int = 128, *,
-                        scale: Optional[float] = None) -> Tensor:
+def meanvar_block_probs(
+    q: Tensor, k: Tensor, block_size: int = 128, *, scale: Optional[float] = None
+) -> Tensor:
     """Block softmax of a second-order estimate of each block pair's log attention mass.
 
     Mean pooling scores a block pair by ``s q̄·k̄`` (``s`` the softmax scale), the log of the
@@ -357,8 +388,14 @@ def meanvar_block_probs(q: Tensor, k: Tensor, block_size: int = 128, *,
     return torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
 
 
-def meanvar_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, *,
-                  scale: Optional[float] = None) -> Tensor:
+def meanvar_table(
+    q: Tensor,
+    k: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+) -> Tensor:
     """Top-p of :func:`meanvar_block_probs` plus sink and diagonal, causal (as
     :func:`xattn_table`). Bool ``(B, Hq, Nq, Nk)``."""
     probs = meanvar_block_probs(q, k, block_size, scale=scale)
@@ -383,8 +420,15 @@ def _sampled_row_mass(q: Tensor, k: Tensor, rows: Tensor, bs: int, scale: float)
     return torch.stack(out, 2)
 
 
-def tcal_block_probs(q: Tensor, k: Tensor, threshold: float, block_size: int = 128, *,
-                     scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
+def tcal_block_probs(
+    q: Tensor,
+    k: Tensor,
+    threshold: float,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+    sample_rows: int = 4,
+) -> Tensor:
     """Block-mean logits at a per-head temperature fitted so that top-p keeps the true mass.
 
     Mean pooling ranks key blocks nearly as well as the true mass does (``eval.gap``: the
@@ -418,8 +462,14 @@ def tcal_block_probs(q: Tensor, k: Tensor, threshold: float, block_size: int = 1
     return torch.softmax((logits / tau[..., None, None]).masked_fill(~allowed, float("-inf")), -1)
 
 
-def tcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, *,
-               scale: Optional[float] = None) -> Tensor:
+def tcal_table(
+    q: Tensor,
+    k: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+) -> Tensor:
     """Top-p of :func:`tcal_block_probs` plus sink and diagonal, causal. Bool
     ``(B, Hq, Nq, Nk)``."""
     probs = tcal_block_probs(q, k, threshold, block_size, scale=scale)
@@ -436,8 +486,10 @@ def _prism_band_fit_inputs(q: Tensor, k: Tensor, bs: int, sample_rows: int):
     q_len, kv_len = q.shape[2], k.shape[2]
     sc = score_inputs(q, k, PrismConfig(block_size=bs, dense_final_blocks=0, final_block_pool=0))
     allowed, forced = forced_blocks(q_len, kv_len, bs, q.device)
-    probs = [block_softmax(band_logits(sc.q_high, sc.k_high, sc.div_high), allowed),
-             block_softmax(band_logits(sc.q_low, sc.k_low, sc.div_low), allowed)]
+    probs = [
+        block_softmax(band_logits(sc.q_high, sc.k_high, sc.div_high), allowed),
+        block_softmax(band_logits(sc.q_low, sc.k_low, sc.div_low), allowed),
+    ]
     nq = _num_blocks(q_len, bs)
     rows = torch.linspace(nq // 4, nq - 1, sample_rows).round().long().unique()
     return probs, forced, rows
@@ -450,8 +502,15 @@ def _select_at_head_thresholds(probs, ok: Tensor, grid: Tensor, q_len, kv_len, b
     return finalize(top_p_select(probs[0], thr) | top_p_select(probs[1], thr), q_len, kv_len, bs)
 
 
-def pcal_table(q: Tensor, k: Tensor, threshold: float = 0.9, block_size: int = 128, *,
-               scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
+def pcal_table(
+    q: Tensor,
+    k: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+    sample_rows: int = 4,
+) -> Tensor:
     """Prism's own two-band selection with a per-head threshold fitted to the true mass.
 
     The band probabilities are Prism's (paper method, calibrated); the top-p threshold of
@@ -499,8 +558,16 @@ def _sampled_row_partials(q, k, v, rows, bs, scale):
     return torch.cat(s_all, 2), torch.cat(w_all, 2)
 
 
-def ecal_table(q: Tensor, k: Tensor, v: Tensor, threshold: float = 0.9, block_size: int = 128,
-               *, scale: Optional[float] = None, sample_rows: int = 4) -> Tensor:
+def ecal_table(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float = 0.9,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+    sample_rows: int = 4,
+) -> Tensor:
     """Prism's two-band selection with a per-head threshold fitted to the attention output.
 
     As :func:`pcal_table`, but the per-head top-p threshold (the same in both bands) is the
@@ -517,8 +584,9 @@ def ecal_table(q: Tensor, k: Tensor, v: Tensor, threshold: float = 0.9, block_si
     s_part, w_part = _sampled_row_partials(q, k, v, rows, bs, scale)
     exact = w_part.sum(3) / s_part.sum(3)[..., None]  # (B, H, n, D)
     # each sampled query token's block row
-    tokens = torch.cat([torch.full((min(q_len, (r + 1) * bs) - r * bs,), i)
-                        for i, r in enumerate(rows.tolist())])
+    tokens = torch.cat(
+        [torch.full((min(q_len, (r + 1) * bs) - r * bs,), i) for i, r in enumerate(rows.tolist())]
+    )
     grid = torch.tensor([0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999])
     errs = []
     for t in grid.tolist():
@@ -538,7 +606,11 @@ def ecal_table(q: Tensor, k: Tensor, v: Tensor, threshold: float = 0.9, block_si
 
 @torch.no_grad()
 def block_mass(
-    q: Tensor, k: Tensor, block_size: int = 128, *, scale: Optional[float] = None,
+    q: Tensor,
+    k: Tensor,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
     rows_per_chunk: int = 4,
 ) -> Tensor:
     """True attention mass per block: token-level causal softmax (bottom-right, over all keys,
@@ -579,8 +651,9 @@ def oracle_table(mass: Tensor, reference: Tensor, q_len: int, kv_len: int, bs: i
     score = mass.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
     flat = score.flatten(-2)
     order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
-        flat.shape[-1], device=mass.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(flat.shape[-1], device=mass.device).expand_as(order)
+    )
     counts = torch.maximum(counts, forced.sum().expand_as(counts))
     keep = rank < counts[..., None]
     return keep.view_as(mass) & allowed
@@ -592,8 +665,9 @@ def recall_from_mass(mass: Tensor, table: Tensor, q_len: int) -> Tensor:
     return (mass * table.bool()).sum((-2, -1)) / q_len
 
 
-def recall(q: Tensor, k: Tensor, table: Tensor, block_size: int = 128, *,
-           scale: Optional[float] = None) -> float:
+def recall(
+    q: Tensor, k: Tensor, table: Tensor, block_size: int = 128, *, scale: Optional[float] = None
+) -> float:
     """Share of the true attention mass (token-level causal softmax over all keys) that falls
     in the selected blocks, averaged over query tokens, heads and batch."""
     mass = block_mass(q, k, block_size, scale=scale)
@@ -605,8 +679,11 @@ def recall(q: Tensor, k: Tensor, table: Tensor, block_size: int = 128, *,
 
 
 def make_table_attention_function(
-    table_fn: Callable[[Tensor, Tensor, Optional[float]], Tensor], block_size: int = 128, *,
-    dense_below: int = 1024, compiled: bool = True,
+    table_fn: Callable[[Tensor, Tensor, Optional[float]], Tensor],
+    block_size: int = 128,
+    *,
+    dense_below: int = 1024,
+    compiled: bool = True,
 ):
     """An ``AttentionInterface`` function: the block table ``table_fn(q, k, scale)`` as a
     ``BlockMask`` + ``prism_flex.sparse_attention`` (short queries dense, like Prism). Plain
@@ -614,16 +691,28 @@ def make_table_attention_function(
     from prism_flex import dense_causal_attention
 
     @torch.no_grad()
-    def table_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
-                                scaling=None, is_causal=None, **kwargs):
+    def table_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0,
+        scaling=None,
+        is_causal=None,
+        **kwargs,
+    ):
         if attention_mask is not None:
             raise NotImplementedError("table estimators: only the plain causal mask (no padding)")
         q, k, v = query.detach(), key.detach(), value.detach()
         if q.shape[2] < dense_below:
             out = dense_causal_attention(q, k, v, scale=scaling)
         else:
-            table = table_fn(q, k, scaling, v) if getattr(table_fn, "needs_v", False) else \
-                table_fn(q, k, scaling)
+            table = (
+                table_fn(q, k, scaling, v)
+                if getattr(table_fn, "needs_v", False)
+                else table_fn(q, k, scaling)
+            )
             mask = table_to_block_mask(table, q.shape[2], k.shape[2], block_size)
             out = sparse_attention(q, k, v, mask, scale=scaling, compiled=compiled)
         return out.transpose(1, 2).contiguous(), None
@@ -632,14 +721,22 @@ def make_table_attention_function(
 
 
 def make_xattn_attention_function(
-    threshold: float, block_size: int = 128, stride: int = 8, *, dense_below: int = 1024,
-    compiled: bool = True, local_blocks: int = 0,
+    threshold: float,
+    block_size: int = 128,
+    stride: int = 8,
+    *,
+    dense_below: int = 1024,
+    compiled: bool = True,
+    local_blocks: int = 0,
 ):
     """The XAttention-style estimator as an ``AttentionInterface`` function."""
     return make_table_attention_function(
-        lambda q, k, scale: xattn_table(q, k, threshold, block_size, stride, scale=scale,
-                                        local_blocks=local_blocks),
-        block_size, dense_below=dense_below, compiled=compiled,
+        lambda q, k, scale: xattn_table(
+            q, k, threshold, block_size, stride, scale=scale, local_blocks=local_blocks
+        ),
+        block_size,
+        dense_below=dense_below,
+        compiled=compiled,
     )
 
 
@@ -658,4 +755,5 @@ def register_table_method(name: str, attention_function) -> str:
 def register_xattn(threshold: float, name: str, *, compiled: bool = True, **kwargs) -> str:
     """Register the XAttention-style estimator with transformers under ``name``."""
     return register_table_method(
-        name, make_xattn_attention_function(threshold, compiled=compiled, **kwargs))
+        name, make_xattn_attention_function(threshold, compiled=compiled, **kwargs)
+    )

@@ -53,8 +53,7 @@ def rank_at_row_counts(score, reference, length, bs):
     counts = (reference.bool() & allowed).sum(-1, keepdim=True)
     s = score.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
-        s.shape[-1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order))
     return (rank < torch.maximum(counts, forced.sum(-1, keepdim=True))) & allowed
 
 
@@ -77,19 +76,24 @@ def head_stats(mass, table, out, dense, bs, length):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m eval.gap", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="qwen2.5-coder-0.5b",
-                   choices=["qwen2.5-coder-0.5b", "smollm2-135m"])
+    p.add_argument(
+        "--model", default="qwen2.5-coder-0.5b", choices=["qwen2.5-coder-0.5b", "smollm2-135m"]
+    )
     p.add_argument("--text", default="austen:emma")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--layers", type=int, nargs="+", default=[3, 10, 12, 14, 19])
-    p.add_argument("--methods", nargs="+",
-                   default=["prism", "prism_finelast", "subpool_q32k32", "xattn"])
+    p.add_argument(
+        "--methods", nargs="+", default=["prism", "prism_finelast", "subpool_q32k32", "xattn"]
+    )
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--swap", action="store_true",
-                   help="also each ranking at the other's per-row block counts (prism, xattn), "
-                   "and the true-mass ranking (oracle) at each one's counts")
+    p.add_argument(
+        "--swap",
+        action="store_true",
+        help="also each ranking at the other's per-row block counts (prism, xattn), "
+        "and the true-mass ranking (oracle) at each one's counts",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from prism_flex.data.texts import load_text
@@ -104,28 +108,48 @@ def main(argv=None) -> None:
         q, k, v = store[layer]
         mass = E.block_mass(q, k, bs)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        tables = {m: method_table(m, q, k, args.threshold, bs, args.stride, v)
-                  for m in args.methods}
+        tables = {
+            m: method_table(m, q, k, args.threshold, bs, args.stride, v) for m in args.methods
+        }
         if args.swap and {"prism", "xattn"} <= set(tables):
             # ranking vs budget: each ranking at the other estimator's per-row block counts
             mean_logits = E._gqa_matmul(pool_blocks(q, bs), pool_blocks(k, bs))
             xattn_probs = E.xattn_block_probs(q, k, bs, args.stride)
-            for name, score, ref in (("meanrank@xattn", mean_logits, "xattn"),
-                                     ("xattnrank@prism", xattn_probs, "prism"),
-                                     ("oracle@prism", mass, "prism"),
-                                     ("oracle@xattn", mass, "xattn")):
+            for name, score, ref in (
+                ("meanrank@xattn", mean_logits, "xattn"),
+                ("xattnrank@prism", xattn_probs, "prism"),
+                ("oracle@prism", mass, "prism"),
+                ("oracle@xattn", mass, "xattn"),
+            ):
                 tables[name] = rank_at_row_counts(score, tables[ref], length, bs)
         for method, table in tables.items():
             out = table_attention(q, k, v, table, bs)
             stats = head_stats(mass, table, out, dense, bs, length)
-            rows.append(dict(model=args.model, L=length, layer=layer, method=method,
-                             threshold=args.threshold, **stats))
+            rows.append(
+                dict(
+                    model=args.model,
+                    L=length,
+                    layer=layer,
+                    method=method,
+                    threshold=args.threshold,
+                    **stats,
+                )
+            )
         log(f"layer {layer}: {time.time() - t0:.1f}s")
     print_summary(rows, args.methods)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "text": args.text, "device": "cpu",
-                       "dtype": "float32", "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "model": args.model,
+                    "text": args.text,
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 def print_summary(rows, methods) -> None:
@@ -135,20 +159,26 @@ def print_summary(rows, methods) -> None:
     print("| layer | method | density | recall | recall p5 | recall min | out err | err p99 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {r['method']} | {mean(r['density']):.3f} | "
-              f"{mean(r['recall']):.3f} | {mean(r['recall_p5']):.3f} | "
-              f"{mean(r['recall_min']):.3f} | {mean(r['out_err']):.4f} | "
-              f"{mean(r['out_err_p99']):.4f} |")
+        print(
+            f"| {r['layer']} | {r['method']} | {mean(r['density']):.3f} | "
+            f"{mean(r['recall']):.3f} | {mean(r['recall_p5']):.3f} | "
+            f"{mean(r['recall_min']):.3f} | {mean(r['out_err']):.4f} | "
+            f"{mean(r['out_err_p99']):.4f} |"
+        )
     first, last = methods[0], methods[-1]
     for layer in sorted({r["layer"] for r in rows}):
         a = next(r for r in rows if r["layer"] == layer and r["method"] == first)
         b = next(r for r in rows if r["layer"] == layer and r["method"] == last)
         ratio = [x / max(y, 1e-12) for x, y in zip(a["out_err"], b["out_err"])]
         worst = sorted(range(len(ratio)), key=lambda h: -ratio[h])[:3]
-        print(f"layer {layer}: {first}/{last} output error per head, largest: " + ", ".join(
-            f"h{h} {a['out_err'][h]:.3f}/{b['out_err'][h]:.3f} (dens {a['density'][h]:.2f}/"
-            f"{b['density'][h]:.2f}, p5 recall {a['recall_p5'][h]:.2f}/{b['recall_p5'][h]:.2f})"
-            for h in worst))
+        print(
+            f"layer {layer}: {first}/{last} output error per head, largest: "
+            + ", ".join(
+                f"h{h} {a['out_err'][h]:.3f}/{b['out_err'][h]:.3f} (dens {a['density'][h]:.2f}/"
+                f"{b['density'][h]:.2f}, p5 recall {a['recall_p5'][h]:.2f}/{b['recall_p5'][h]:.2f})"
+                for h in worst
+            )
+        )
 
 
 if __name__ == "__main__":

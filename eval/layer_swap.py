@@ -44,8 +44,9 @@ def main(argv=None):
     ids = tok(load_text(a.text), return_tensors="pt").input_ids[:, : a.length].to(a.device)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    base = ALL_ATTENTION_FUNCTIONS[register(
-        A.prism_cfg(a.base, a.threshold, head_dim, 128), "swap_base")]
+    base = ALL_ATTENTION_FUNCTIONS[
+        register(A.prism_cfg(a.base, a.threshold, head_dim, 128), "swap_base")
+    ]
     other = E.make_xattn_attention_function(a.threshold)
     swapped: set = set()
 
@@ -60,7 +61,8 @@ def main(argv=None):
     layers = list(range(n_layers)) if a.layers is None else a.layers
     rows = []
     for label, chosen in [("none", set()), ("all", set(range(n_layers)))] + [
-            (layer, {layer}) for layer in layers]:
+        (layer, {layer}) for layer in layers
+    ]:
         swapped.clear()
         swapped.update(chosen)
         t0 = time.time()
@@ -68,9 +70,19 @@ def main(argv=None):
         rows.append({"swap_layer": label, "ppl": ppl})
         A.log(f"swap {label}: ppl {ppl:.4f} ({time.time() - t0:.1f}s)")
         with open(a.out, "w") as f:
-            json.dump({"model": a.model, "L": a.length, "threshold": a.threshold,
-                       "base": a.base, "other": a.other, "device": a.device, "rows": rows}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "model": a.model,
+                    "L": a.length,
+                    "threshold": a.threshold,
+                    "base": a.base,
+                    "other": a.other,
+                    "device": a.device,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

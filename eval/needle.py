@@ -9,8 +9,10 @@ from __future__ import annotations
 import random
 import re
 
-PREFIX = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-          "Find it and memorize it.\n\n")
+PREFIX = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it.\n\n"
+)
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 # a token ends a sentence when, trailing whitespace stripped, it ends with one of these (line
@@ -33,8 +35,9 @@ def make_key(seed: int, index: int) -> int:
 
 def _sentence_ends(tokenizer, ids: list[int]) -> list[int]:
     """Positions ``i`` (0 < i <= len(ids)) such that ``ids[:i]`` ends a sentence."""
-    return [i + 1 for i, t in enumerate(ids)
-            if tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS)]
+    return [
+        i + 1 for i, t in enumerate(ids) if tokenizer.decode([t]).rstrip().endswith(SENTENCE_ENDS)
+    ]
 
 
 def make_prompt(tokenizer, text: str, L: int, depth: float, key: int) -> list[int]:

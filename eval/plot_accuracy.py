@@ -26,10 +26,15 @@ OFFICIAL_32K = {
     "xattn": [(0.160, 43.19), (0.121, 44.21)],
 }
 STYLE = {
-    "prism": ("tab:blue", "o"), "prism_last": ("tab:cyan", "v"),
-    "prism_nocal": ("tab:purple", "s"), "meanpool": ("tab:orange", "^"),
-    "xattn": ("tab:green", "D"), "oracle": ("black", "x"), "dense": ("gray", "*"),
-    "prism_finelast": ("tab:blue", "o"), "prism_fit": ("tab:red", "P"),
+    "prism": ("tab:blue", "o"),
+    "prism_last": ("tab:cyan", "v"),
+    "prism_nocal": ("tab:purple", "s"),
+    "meanpool": ("tab:orange", "^"),
+    "xattn": ("tab:green", "D"),
+    "oracle": ("black", "x"),
+    "dense": ("gray", "*"),
+    "prism_finelast": ("tab:blue", "o"),
+    "prism_fit": ("tab:red", "P"),
     "prism_local": ("tab:brown", "X"),
 }
 
@@ -39,8 +44,14 @@ def merge(paths):
     for p in paths:
         with open(p) as f:
             d = json.load(f)
-        meta.append({"file": os.path.basename(p), "model": d.get("model"),
-                     "text": d.get("text"), "device": d.get("device")})
+        meta.append(
+            {
+                "file": os.path.basename(p),
+                "model": d.get("model"),
+                "text": d.get("text"),
+                "device": d.get("device"),
+            }
+        )
         for r in d["rows"]:
             rows.append({**r, "device": d.get("device")})
     return rows, meta
@@ -82,8 +93,9 @@ def plot_recall(rows, path):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("recall (mean over layers)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Share of the true attention mass in the selected blocks (thresholds 0.8-0.98)",
-                 fontsize=9)
+    fig.suptitle(
+        "Share of the true attention mass in the selected blocks (thresholds 0.8-0.98)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -114,8 +126,14 @@ def plot_ppl(rows, path):
                 if m == "dense":
                     continue
                 color, marker = STYLE.get(m, (None, "o"))
-                ax.scatter(*zip(*pts), marker=marker, facecolors="none", edgecolors=color, s=70,
-                           label=f"{m} (official code)")
+                ax.scatter(
+                    *zip(*pts),
+                    marker=marker,
+                    facecolors="none",
+                    edgecolors=color,
+                    s=70,
+                    label=f"{m} (official code)",
+                )
         ax.set_title(f"Qwen2.5-Coder-0.5B, Emma, L={L // 1024}K")
         ax.set_xlabel("block density")
         ax.grid(alpha=0.3)
@@ -132,10 +150,16 @@ def _method_by_length(rows, task, title, cell) -> list[str]:
     if not rows:
         return []
     lengths = sorted({r["L"] for r in rows})
-    out = [title, "", "| method | thr | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
-           "|---|---|" + "---|" * len(lengths)]
-    for m, thr in sorted({(r["method"], r["threshold"]) for r in rows},
-                         key=lambda x: (x[0] != "dense", x[0], x[1] or 0)):
+    out = [
+        title,
+        "",
+        "| method | thr | " + " | ".join(f"{L // 1024}K" for L in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for m, thr in sorted(
+        {(r["method"], r["threshold"]) for r in rows},
+        key=lambda x: (x[0] != "dense", x[0], x[1] or 0),
+    ):
         cells = []
         for L in lengths:
             r = [x for x in rows if (x["method"], x["threshold"], x["L"]) == (m, thr, L)]
@@ -148,24 +172,35 @@ def markdown(rows) -> str:
     out = []
     rec = mean_rows(rows, "recall")
     if rec:
-        out += ["Recall (mean over layers) and density, per threshold:", "",
-                "| model | L | thr | " + " | ".join(
-                    ["prism", "prism_nocal", "meanpool", "xattn", "oracle@prism"]) + " |",
-                "|---|---|---|" + "---|" * 5]
+        out += [
+            "Recall (mean over layers) and density, per threshold:",
+            "",
+            "| model | L | thr | "
+            + " | ".join(["prism", "prism_nocal", "meanpool", "xattn", "oracle@prism"])
+            + " |",
+            "|---|---|---|" + "---|" * 5,
+        ]
         keys = sorted({(r["model"], r["L"], r["threshold"]) for r in rec})
         for model, L, thr in keys:
             cells = []
             for m in ("prism", "prism_nocal", "meanpool", "xattn", "oracle"):
-                r = [x for x in rec if (x["model"], x["L"], x["threshold"], x["method"]) ==
-                     (model, L, thr, m)]
+                r = [
+                    x
+                    for x in rec
+                    if (x["model"], x["L"], x["threshold"], x["method"]) == (model, L, thr, m)
+                ]
                 cells.append(f"{r[0]['value']:.3f} @ {r[0]['density']:.3f}" if r else "")
             out.append(f"| {model} | {L // 1024}K | {thr:g} | " + " | ".join(cells) + " |")
         out.append("")
-    out += _method_by_length(rows, "ppl", "Perplexity @ density:",
-                             lambda r: f"{r['value']:.2f} @ {r['density']:.3f}")
     out += _method_by_length(
-        rows, "needle", "Needle (pass key at 10 depths), correct / 10 @ density:",
-        lambda r: f"{sum(r['correct'])}/{len(r['correct'])} @ {r['density']:.3f}")
+        rows, "ppl", "Perplexity @ density:", lambda r: f"{r['value']:.2f} @ {r['density']:.3f}"
+    )
+    out += _method_by_length(
+        rows,
+        "needle",
+        "Needle (pass key at 10 depths), correct / 10 @ density:",
+        lambda r: f"{sum(r['correct'])}/{len(r['correct'])} @ {r['density']:.3f}",
+    )
     return "\n".join(out).rstrip()
 
 
@@ -180,9 +215,17 @@ def main(argv=None):
     rows, meta = merge(a.runs)
     models = sorted({r["model"] for r in rows})
     with open(a.out, "w") as f:
-        json.dump({"model": models[0] if len(models) == 1 else models, "date":
-                   time.strftime("%Y-%m-%d"), "runs": meta, "notes": a.notes, "rows": rows},
-                  f, indent=1)
+        json.dump(
+            {
+                "model": models[0] if len(models) == 1 else models,
+                "date": time.strftime("%Y-%m-%d"),
+                "runs": meta,
+                "notes": a.notes,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     if a.plot_dir:
         plot_recall(rows, os.path.join(a.plot_dir, "accuracy_recall.png"))
         plot_ppl(rows, os.path.join(a.plot_dir, "accuracy_ppl.png"))

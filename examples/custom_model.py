@@ -53,7 +53,6 @@ from torch import Tensor, nn
 
 from prism_flex import PrismAttention, PrismConfig, dense_causal_attention
 
-
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -282,15 +281,24 @@ def main() -> None:
     p.add_argument("--length", type=int, default=None, help="prompt tokens (4096 CPU, 32768 CUDA)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (2 CPU, 8 CUDA)")
     p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=0,
-                   help="also prefill in chunks of this many tokens (0: skip)")
+    p.add_argument(
+        "--chunk", type=int, default=0, help="also prefill in chunks of this many tokens (0: skip)"
+    )
     p.add_argument("--threshold", type=float, default=0.95, help="top-p of both bands")
-    p.add_argument("--qk-gain", type=float, default=8.0,
-                   help="query projection scale: makes the toy model's attention peaky")
+    p.add_argument(
+        "--qk-gain",
+        type=float,
+        default=8.0,
+        help="query projection scale: makes the toy model's attention peaky",
+    )
     p.add_argument("--plain-init", action="store_true", help="no planted locality")
     p.add_argument("--no-compile", action="store_true", help="eager (debugging)")
-    p.add_argument("--dynamic", choices=("true", "auto"), default="true",
-                   help="torch.compile(dynamic=True) or dynamic=None (automatic)")
+    p.add_argument(
+        "--dynamic",
+        choices=("true", "auto"),
+        default="true",
+        help="torch.compile(dynamic=True) or dynamic=None (automatic)",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
@@ -301,8 +309,9 @@ def main() -> None:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     args = ModelArgs(n_layers=n_layers)
     # sparse_min_flops=0: the selection at any length (small calls run dense by default).
-    prism_cfg = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold,
-                            sparse_min_flops=0)
+    prism_cfg = PrismConfig(
+        high_threshold=a.threshold, low_threshold=a.threshold, sparse_min_flops=0
+    )
 
     model = Transformer(args, lambda: PrismAttention(prism_cfg))
     init_weights(model, a.seed, structured=not a.plain_init, qk_gain=a.qk_gain)
@@ -329,12 +338,17 @@ def main() -> None:
     dynamic = {"true": True, "auto": None}[a.dynamic]
     compiled = model if a.no_compile else torch.compile(model, dynamic=dynamic)
 
-    tokens = torch.randint(0, args.vocab_size, (1, length),
-                           generator=torch.Generator().manual_seed(a.seed + 1)).to(device)
-    print(f"device={device} dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"model: {n_layers} layers, dim {args.dim}, {args.n_heads} q heads / {args.n_kv_heads} kv "
-          f"heads x {args.head_dim}, init={'plain' if a.plain_init else 'structured'}, "
-          f"qk_gain={a.qk_gain}")
+    tokens = torch.randint(
+        0, args.vocab_size, (1, length), generator=torch.Generator().manual_seed(a.seed + 1)
+    ).to(device)
+    print(
+        f"device={device} dtype={dtype} torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"model: {n_layers} layers, dim {args.dim}, {args.n_heads} q heads / {args.n_kv_heads} kv "
+        f"heads x {args.head_dim}, init={'plain' if a.plain_init else 'structured'}, "
+        f"qk_gain={a.qk_gain}"
+    )
     print(f"prism: {prism_cfg}")
 
     # inference_mode rather than no_grad: under no_grad, the tensors reaching prism_flex's own
@@ -343,19 +357,26 @@ def main() -> None:
     with torch.inference_mode():
         # (a) one-call prefill. The first call compiles; the second is the timing.
         (_, t_first) = timed(lambda: compiled(tokens, 0, return_density=True), device)
-        (logits, density), t_prefill = timed(lambda: compiled(tokens, 0, return_density=True), device)
+        (logits, density), t_prefill = timed(
+            lambda: compiled(tokens, 0, return_density=True), device
+        )
         ref_logits, t_ref = timed(lambda: ref(tokens, 0), device)
-        print(f"\nprefill {length} tokens: first call (compile) {t_first:.2f} s, "
-              f"then {t_prefill * 1e3:.0f} ms; dense reference (same weights, eager, for the "
-              f"error check, not a tuned baseline) {t_ref * 1e3:.0f} ms")
+        print(
+            f"\nprefill {length} tokens: first call (compile) {t_first:.2f} s, "
+            f"then {t_prefill * 1e3:.0f} ms; dense reference (same weights, eager, for the "
+            f"error check, not a tuned baseline) {t_ref * 1e3:.0f} ms"
+        )
         per_layer = density.float().mean(dim=(1, 2)).tolist()
         print("mean block density per layer: " + ", ".join(f"{d:.3f}" for d in per_layer))
-        print(f"last-position logits rel. error vs dense: {rel_err(logits, ref_logits):.2e}, "
-              f"argmax agrees: {bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())}")
+        print(
+            f"last-position logits rel. error vs dense: {rel_err(logits, ref_logits):.2e}, "
+            f"argmax agrees: {bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())}"
+        )
         print(f"dynamo stats after prefill: {dynamo_stats()}")
 
         # (b) chunked prefill: chunk i attends to the cache (chunks < i) plus itself.
         if a.chunk:
+
             def chunked():
                 out = None
                 for start in range(0, length, a.chunk):
@@ -364,11 +385,13 @@ def main() -> None:
 
             _, t_first_c = timed(chunked, device)
             (logits_c, density_c), t_chunked = timed(chunked, device)
-            print(f"\nchunked prefill ({a.chunk}-token chunks): first pass {t_first_c:.2f} s, "
-                  f"then {t_chunked * 1e3:.0f} ms; last chunk's mean density "
-                  f"{density_c.float().mean():.3f}; logits rel. error vs dense "
-                  f"{rel_err(logits_c, ref_logits):.2e}, vs the one-call prefill "
-                  f"{rel_err(logits_c, logits):.2e}")
+            print(
+                f"\nchunked prefill ({a.chunk}-token chunks): first pass {t_first_c:.2f} s, "
+                f"then {t_chunked * 1e3:.0f} ms; last chunk's mean density "
+                f"{density_c.float().mean():.3f}; logits rel. error vs dense "
+                f"{rel_err(logits_c, ref_logits):.2e}, vs the one-call prefill "
+                f"{rel_err(logits_c, logits):.2e}"
+            )
             print(f"dynamo stats after chunked prefill: {dynamo_stats()}")
 
         # (c) greedy decode: Lq = 1 < dense_below, so PrismAttention runs dense SDPA.
@@ -384,11 +407,15 @@ def main() -> None:
                 if i == 0:
                     graphs_after_first = dynamo_stats().get("unique_graphs", 0)
             steady = step_times[1:] or step_times
-            print(f"\ndecode {a.decode_steps} steps: first step (compile) {step_times[0]:.2f} s, "
-                  f"then {len(steady) / sum(steady):.1f} tokens/s; greedy token agrees with "
-                  f"dense at {agree}/{a.decode_steps} steps")
-            print(f"dynamo stats after decode: {dynamo_stats()} (unique_graphs after the first "
-                  f"decode step: {graphs_after_first})")
+            print(
+                f"\ndecode {a.decode_steps} steps: first step (compile) {step_times[0]:.2f} s, "
+                f"then {len(steady) / sum(steady):.1f} tokens/s; greedy token agrees with "
+                f"dense at {agree}/{a.decode_steps} steps"
+            )
+            print(
+                f"dynamo stats after decode: {dynamo_stats()} (unique_graphs after the first "
+                f"decode step: {graphs_after_first})"
+            )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def synthetic_qkv(
 
     # A direction in the slowest pairs (almost no rotation): every query carries it, only the
     # sink and the salient keys share it, so they are attended at any distance.
-    lf = torch.cat([torch.arange(half - lf_pairs, half), torch.arange(head_dim - lf_pairs, head_dim)])
+    lf = torch.cat(
+        [torch.arange(half - lf_pairs, half), torch.arange(head_dim - lf_pairs, head_dim)]
+    )
     nu = torch.zeros(batch, kv_heads, 1, head_dim, device=device)
     nu[..., lf.to(device)] = randn(batch, kv_heads, 1, 2 * lf_pairs)
     nu = nu / nu.norm(dim=-1, keepdim=True) * root_d**0.5  # nu . nu / sqrt(D) = 1
@@ -105,7 +107,10 @@ def synthetic_qkv(
     other[lf.to(device)] = 0.0
     noise_scale = noise**0.5  # independent q and k parts: their logit has std ~``noise``
     k = content + randn(batch, kv_heads, length, head_dim) * noise_scale
-    q = content.repeat_interleave(group, dim=1) + randn(batch, q_heads, length, head_dim) * noise_scale
+    q = (
+        content.repeat_interleave(group, dim=1)
+        + randn(batch, q_heads, length, head_dim) * noise_scale
+    )
     k, q = k * other, q * other + nu.repeat_interleave(group, dim=1)
     k[:, :, 0] += sink * nu[:, :, 0]
     starts = torch.randint(1, max(2, length - span_len), (spans,), generator=gen).tolist()
@@ -147,8 +152,11 @@ def relative_error(x: Tensor, exact: Tensor) -> float:
 def config_changes(config: PrismConfig) -> dict:
     """The fields of ``config`` that differ from ``PrismConfig()``, by name."""
     default = PrismConfig()
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(default, f.name)}
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(default, f.name)
+    }
 
 
 def main() -> None:
@@ -169,16 +177,25 @@ def main() -> None:
     # sparse_min_flops=0: the demo shows the selection at any length (by default, calls this
     # small run dense attention: PrismConfig.runs_dense).
     config = PrismConfig(high_threshold=a.threshold, low_threshold=a.threshold, sparse_min_flops=0)
-    q, k, v = synthetic_qkv(a.length, q_heads=a.q_heads, kv_heads=a.kv_heads,
-                            head_dim=a.head_dim, seed=a.seed, device=device, dtype=dtype)
+    q, k, v = synthetic_qkv(
+        a.length,
+        q_heads=a.q_heads,
+        kv_heads=a.kv_heads,
+        head_dim=a.head_dim,
+        seed=a.seed,
+        device=device,
+        dtype=dtype,
+    )
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"length {a.length}: q {tuple(q.shape)}, k/v {tuple(k.shape)}, {dtype} (synthetic)")
     print("config (PrismConfig, the fields that differ from the defaults):")
     for name, value in config_changes(config).items():
         print(f"  {name} = {value!r}")
-    print("\nfirst Prism call: compiling the selection and the FlexAttention kernel "
-          f"({'about a minute on CPU' if device.type == 'cpu' else 'some seconds'})...",
-          flush=True)
+    print(
+        "\nfirst Prism call: compiling the selection and the FlexAttention kernel "
+        f"({'about a minute on CPU' if device.type == 'cpu' else 'some seconds'})...",
+        flush=True,
+    )
 
     with torch.no_grad():
         # First call: compiles (scoring, selection and the FlexAttention kernel), then timed.
@@ -187,19 +204,25 @@ def main() -> None:
         )
         ref, t_first_ref, t_dense = timed(lambda: dense_causal_attention(q, k, v), device, repeats)
 
-        print("done; timing dense attention, then the float64 reference of the last "
-              f"{TAIL} queries", flush=True)
+        print(
+            f"done; timing dense attention, then the float64 reference of the last {TAIL} queries",
+            flush=True,
+        )
         # Exact attention of the last TAIL queries (bottom-right aligned), in float64.
         exact = dense_causal_attention(q[:, :, -TAIL:].double(), k.double(), v.double())
     err = relative_error(out[:, :, -TAIL:], exact)
     err_dense = relative_error(ref[:, :, -TAIL:], exact)
     per_head = density.float().mean(0)
-    print(f"\nblock density: mean {per_head.mean():.3f} "
-          f"(per head min {per_head.min():.3f}, max {per_head.max():.3f})")
+    print(
+        f"\nblock density: mean {per_head.mean():.3f} "
+        f"(per head min {per_head.min():.3f}, max {per_head.max():.3f})"
+    )
     print(f"relative error against exact float64 attention (last {TAIL} queries):")
     print(f"  prism {err:.2e}: the blocks it leaves out, plus rounding")
-    print(f"  dense SDPA in {str(dtype).replace('torch.', '')} {err_dense:.2e}: the input dtype's "
-          "own rounding, for scale")
+    print(
+        f"  dense SDPA in {str(dtype).replace('torch.', '')} {err_dense:.2e}: the input dtype's "
+        "own rounding, for scale"
+    )
     print(f"prism: {t_prism * 1e3:.1f} ms (first call, with compilation: {t_first:.1f} s)")
     print(f"dense causal SDPA: {t_dense * 1e3:.1f} ms (first call {t_first_ref:.2f} s)")
     print(f"speed-up: {t_dense / t_prism:.2f}x")

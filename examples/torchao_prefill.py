@@ -59,7 +59,6 @@ from prism_flex import PrismConfig
 from prism_flex.data.models import fetch
 from prism_flex.data.texts import load_text
 
-
 VARIANTS = ("dense", "prism", "prism+torchao", "dense+torchao")
 
 
@@ -71,10 +70,14 @@ def quantise_linears(model, device: str) -> str:
         raise SystemExit(f"this example needs torchao (pip install torchao): {e}") from e
     if device == "cuda":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-        config, label = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                         "float8 dynamic activation + float8 weight, per row")
+
+        config, label = (
+            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+            "float8 dynamic activation + float8 weight, per row",
+        )
     else:
         from torchao.quantization import Int8WeightOnlyConfig
+
         config, label = Int8WeightOnlyConfig(), "int8 weight-only, per channel"
     keep = lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn  # noqa: E731
     quantize_(model, config, filter_fn=keep)
@@ -97,8 +100,9 @@ def timed(fn, device: str):
 
 
 @torch.no_grad()
-def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
-                ) -> tuple[float, float]:
+def run_variant(
+    model, ids, attn: str, device: str, compile_model: bool = False
+) -> tuple[float, float]:
     """(prefill seconds, perplexity) of ``model`` on ``ids`` (1, L) with attention ``attn``;
     with ``compile_model``, each decoder layer runs under ``torch.compile`` (Prism then runs
     as one opaque op inside the compiled graph, torchao's quantisation is fused)."""
@@ -114,15 +118,15 @@ def run_variant(model, ids, attn: str, device: str, compile_model: bool = False
     prefill()  # warm-up: compiles (Prism's stages, or the model), warms torchao kernels
     if compile_model:
         # A spare warm-up: Prism's stages used to compile again on the second call of a
-        # compiled model (fixed by the custom op in prism_flex/attention.py); anything else that recompiles there is not
-        # timed either.
+        # compiled model (fixed by the custom op in prism_flex/attention.py); anything else
+        # that recompiles there is not timed either.
         prefill()
     seconds, hidden = timed(prefill, device)
     hidden = hidden[0, :-1]  # position i predicts token i + 1
     targets, nll = ids[0, 1:], torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, hidden.shape[0], 1024):  # chunked lm_head + cross-entropy
-        logits = model.lm_head(hidden[i:i + 1024]).float()
-        nll += F.cross_entropy(logits, targets[i:i + 1024], reduction="sum").double()
+        logits = model.lm_head(hidden[i : i + 1024]).float()
+        nll += F.cross_entropy(logits, targets[i : i + 1024], reduction="sum").double()
     return seconds, float(torch.exp(nll / targets.numel()))
 
 
@@ -144,15 +148,29 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--length", type=int, default=None, help="tokens (CPU 2048, CUDA 32768)")
     p.add_argument("--threshold", type=float, default=0.95, help="Prism top-p, both bands")
-    p.add_argument("--text", default="austen:emma",
-                   help="a prism_flex.data.texts spec, or a file path")
-    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="other PrismConfig fields, e.g. final_block_pool=16")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="which prefills to run, in this order (quantisation is applied once, "
-                   "before the first +torchao variant)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile each decoder layer with torch.compile (every variant)")
+    p.add_argument(
+        "--text", default="austen:emma", help="a prism_flex.data.texts spec, or a file path"
+    )
+    p.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other PrismConfig fields, e.g. final_block_pool=16",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which prefills to run, in this order (quantisation is applied once, "
+        "before the first +torchao variant)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each decoder layer with torch.compile (every variant)",
+    )
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
     device = args.device
@@ -163,14 +181,21 @@ def main() -> None:
     # least 1024 tokens, so it is active at the CPU default of 2048 (16 query blocks of 128;
     # few blocks can be skipped there, and attention is a small part of a 2K prefill).
     from prism_flex.integrations.transformers import register  # needs transformers
+
     cfg = prism_config(args.config, args.threshold)
     name = register(cfg, "prism")
 
     path = fetch("qwen2.5-coder-0.5b")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                 attn_implementation="sdpa").to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+        )
+        .to(device)
+        .eval()
+    )
     text = load_text(args.text)
     ids = tok(text[: 8 * length + 4096], return_tensors="pt").input_ids  # ~4 chars per token
     if ids.shape[1] < length:
@@ -179,16 +204,26 @@ def main() -> None:
         raise SystemExit(f"{args.text} has only {ids.shape[1]} tokens, fewer than {length}")
     ids = ids[:, :length].to(device)
 
-    print(f"Qwen2.5-Coder-0.5B ({path.name}, dequantised to {dtype}), {device} "
-          f"({torch.get_num_threads()} CPU threads), {length} tokens "
-          f"of {args.text}; Prism thresholds {args.threshold}, dense_below {cfg.dense_below} "
-          f"({'Prism sparse path active' if length >= cfg.dense_below else 'Prism runs DENSE'})")
+    print(
+        f"Qwen2.5-Coder-0.5B ({path.name}, dequantised to {dtype}), {device} "
+        f"({torch.get_num_threads()} CPU threads), {length} tokens "
+        f"of {args.text}; Prism thresholds {args.threshold}, dense_below {cfg.dense_below} "
+        f"({'Prism sparse path active' if length >= cfg.dense_below else 'Prism runs DENSE'})"
+    )
     import torchao
 
-    meta = dict(device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
-                torch=torch.__version__, torchao=torchao.__version__,
-                date=time.strftime("%Y-%m-%d"), length=length, text=args.text, dtype=str(dtype),
-                prism_config=repr(cfg), compiled_model=args.compile)
+    meta = dict(
+        device=device,
+        gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+        torch=torch.__version__,
+        torchao=torchao.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        length=length,
+        text=args.text,
+        dtype=str(dtype),
+        prism_config=repr(cfg),
+        compiled_model=args.compile,
+    )
     attn_of = {"dense": "sdpa", "prism": name, "prism+torchao": name, "dense+torchao": "sdpa"}
     results = []
     for variant in args.variants:
@@ -207,6 +242,7 @@ def main() -> None:
     for r in results:
         speed = f"{base / r['prefill_s']:>9.2f}x" if base else f"{'-':>10}"
         print(f"{r['variant']:<16}{r['prefill_s']:>11.3f}{speed}{r['perplexity']:>12.4f}")
+
 
 if __name__ == "__main__":
     main()

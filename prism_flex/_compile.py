@@ -201,8 +201,7 @@ class GraphedStage:
         if torch.cuda.is_current_stream_capturing():
             return run_stage(self.stage, Mode.COMPILED, config, *args)
         key = (config,) + tuple(
-            (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a
-            for a in args
+            (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a for a in args
         )
         entry = self._graphs.get(key)
         if entry is None:

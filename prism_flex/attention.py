@@ -123,8 +123,14 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG) ->
     return pipeline.band_scores(pooled, config, Mode.EAGER)
 
 
-def select_blocks(scores: BandScores, row_start: int, num_rows: int, q_len: int, kv_len: int,
-                  config: PrismConfig = _DEFAULT_CONFIG) -> Selection:
+def select_blocks(
+    scores: BandScores,
+    row_start: int,
+    num_rows: int,
+    q_len: int,
+    kv_len: int,
+    config: PrismConfig = _DEFAULT_CONFIG,
+) -> Selection:
     """Selected key blocks of query blocks ``row_start .. row_start + num_rows - 1``, eagerly.
 
     Args:
@@ -140,8 +146,13 @@ def select_blocks(scores: BandScores, row_start: int, num_rows: int, q_len: int,
 @uniform_dispatch_keys
 @torch.no_grad()
 def prism_block_mask(
-    q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG, *,
-    v: Optional[Tensor] = None, scale: Optional[float] = None, compiled: bool = True,
+    q: Tensor,
+    k: Tensor,
+    config: PrismConfig = _DEFAULT_CONFIG,
+    *,
+    v: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    compiled: bool = True,
 ) -> BlockMask:
     """The Prism ``BlockMask`` of a causal attention.
 
@@ -169,8 +180,9 @@ def prism_block_mask(
     check_inputs(q, k, v)
     config.band_dims(q.shape[-1])
     mode = Mode.at_entry(compiled)
-    tables = pipeline.block_tables(q.detach(), k.detach(), None if v is None else v.detach(),
-                                   config, scale, mode)
+    tables = pipeline.block_tables(
+        q.detach(), k.detach(), None if v is None else v.detach(), config, scale, mode
+    )
     return pipeline.table_block_mask(tables, q.shape[2], k.shape[2], 0, config, q.device)
 
 
@@ -205,8 +217,13 @@ def dense_causal_attention(
 
 
 def sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, *,
-    scale: Optional[float] = None, compiled: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: Optional[float] = None,
+    compiled: bool = True,
 ) -> Tensor:
     """FlexAttention over the blocks of ``block_mask``, with native GQA.
 
@@ -271,7 +288,9 @@ def prism_attention(
             warnings.warn(
                 "prism_attention is inference only: inputs that require grad run dense "
                 "attention (exact, differentiable, no speed-up). For sparse prefill call the "
-                "model under torch.inference_mode() or torch.no_grad().", stacklevel=2)
+                "model under torch.inference_mode() or torch.no_grad().",
+                stacklevel=2,
+            )
         out = pipeline.dense_attention(q, k, v, scale, mode)
         if return_density:
             return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -307,8 +326,9 @@ def _forward(q, k, v, config, scale, mode):
 # the op runs our compiled pipeline on real tensors, as in eager use. The config crosses the
 # op boundary once, as its JSON form (``PrismConfig.to_json``).
 @torch.library.custom_op("prism_flex::prism_attention", mutates_args=())
-def _prism_op(q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float]
-              ) -> tuple[Tensor, Tensor]:
+def _prism_op(
+    q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float]
+) -> tuple[Tensor, Tensor]:
     config = PrismConfig.from_json(config_json)
     out, density = _forward(q, k, v, config, scale, Mode.COMPILED)
     # Contiguous, as the fake below promises (flex_attention's output follows q's strides).

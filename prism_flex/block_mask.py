@@ -39,33 +39,46 @@ class BlockTables(NamedTuple):
     full_idx: Tensor
 
 
-def select_tables(config, scores: BandScores, row_start, num_rows, q_len, kv_len,
-                  high_thr, low_thr, fine_thr) -> BlockTables:
+def select_tables(
+    config, scores: BandScores, row_start, num_rows, q_len, kv_len, high_thr, low_thr, fine_thr
+) -> BlockTables:
     """Selection of query blocks ``row_start .. row_start + num_rows - 1``, compacted into
     index tables (thresholds as :func:`~prism_flex.selection.select_rows` takes them)."""
     rows = torch.arange(num_rows, device=scores.q_high.device) + row_start
-    selected, _, diagonal = select_rows(config, scores, rows, q_len, kv_len, high_thr,
-                                        low_thr, fine_thr)
+    selected, _, diagonal = select_rows(
+        config, scores, rows, q_len, kv_len, high_thr, low_thr, fine_thr
+    )
     if config.force_diagonal:
         # The partial blocks are exactly the diagonal: written from its range directly.
-        first, last = diagonal_range(row_start, num_rows, q_len, kv_len, config.block_size,
-                                     selected.device)
-        partial = run_tables(first, last, selected.shape[-1], selected.shape[0],
-                             selected.shape[1])
+        first, last = diagonal_range(
+            row_start, num_rows, q_len, kv_len, config.block_size, selected.device
+        )
+        partial = run_tables(first, last, selected.shape[-1], selected.shape[0], selected.shape[1])
     else:
         partial = compact_blocks(selected & diagonal)
     return BlockTables(*partial, *compact_blocks(selected & ~diagonal))
 
 
-def score_and_select_tables(config, q_pool, k_pool, q_final, k_fine, q_len, kv_len,
-                            high_temperature, low_temperature, high_thr, low_thr, fine_thr
-                            ) -> BlockTables:
+def score_and_select_tables(
+    config,
+    q_pool,
+    k_pool,
+    q_final,
+    k_fine,
+    q_len,
+    kv_len,
+    high_temperature,
+    low_temperature,
+    high_thr,
+    low_thr,
+    fine_thr,
+) -> BlockTables:
     """Scoring and selection of every query block, in one graph when compiled: one call
     instead of two, which matters at short lengths, where host time dominates."""
-    scores = score_bands(config, q_pool, k_pool, high_temperature, low_temperature, q_final,
-                         k_fine)
-    return select_tables(config, scores, 0, q_pool.shape[2], q_len, kv_len, high_thr, low_thr,
-                         fine_thr)
+    scores = score_bands(config, q_pool, k_pool, high_temperature, low_temperature, q_final, k_fine)
+    return select_tables(
+        config, scores, 0, q_pool.shape[2], q_len, kv_len, high_thr, low_thr, fine_thr
+    )
 
 
 def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,8 +111,9 @@ def compact_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
     return num, out
 
 
-def run_tables(first: Tensor, last: Tensor, num_kv_blocks: int, batch: int, heads: int
-               ) -> tuple[Tensor, Tensor]:
+def run_tables(
+    first: Tensor, last: Tensor, num_kv_blocks: int, batch: int, heads: int
+) -> tuple[Tensor, Tensor]:
     """Index tables of rows that each hold one run of consecutive blocks ``first .. last``.
 
     What :func:`compact_blocks` returns for such a table, except past the count: the row

@@ -33,8 +33,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def causal_attention_flops(batch: int, heads: int, q_len: int, kv_len: int,
-                           head_dim: int) -> int:
+def causal_attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> int:
     """FLOPs of a dense causal attention forward, bottom-right aligned: ``4 * B * Hq * D``
     (two matrix products, a multiply and an add each) per visible (query, key) pair."""
     pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
@@ -127,11 +126,13 @@ class PrismConfig:
             (host time, pooling, scoring) that a small attention cannot repay. The rule is
             :meth:`runs_dense`; work rather than a length, because the saving grows with
             heads x head dim x length^2. Default 6e11, from the H200 (torch 2.11, one run
-            each, README, bench/results/h200_ttft.json): Qwen2.5-Coder-0.5B end to end, always-sparse Prism was 27 %
-            slower than cuDNN at 8K tokens (1.2e11 FLOPs per layer) and 11 % faster at 16K
-            (4.8e11); the Llama-3.1-8B attention shape broke even at 8K (5.5e11: 1.02 vs
-            1.00 ms) and was 3.9x faster at 32K. 6e11 keeps every measured call at least as
-            fast as cuDNN (it gives up Qwen's 11 % at 16K). ``0``: always select.
+            each, README, bench/results/h200_ttft.json): Qwen2.5-Coder-0.5B end to end,
+            always-sparse Prism was 27 % slower than cuDNN at 8K tokens (1.2e11 FLOPs per
+            layer) and 11 % faster at 16K (4.8e11); the Llama-3.1-8B attention shape broke
+            even at 8K (5.5e11: 1.02 vs 1.00 ms) and was 3.9x faster at 32K. With 6e11 no
+            measured call selects where selecting was slower (it gives up Qwen's 11 % at
+            16K); the dense path itself is discussed in bench/NOTES.md (4K). ``0``: always
+            select.
         max_score_elements: upper bound on the number of block scores (batch x query heads
             x query blocks x key blocks) materialised at once; longer inputs are scored in
             chunks of query blocks, which bounds the scoring memory: ~65-80 bytes per score
@@ -190,15 +191,19 @@ class PrismConfig:
                 f"PrismConfig.rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}"
             )
         self._check_int("dense_final_blocks", 0)
-        if (not _is_int(self.final_block_pool) or self.final_block_pool < 0
-                or (self.final_block_pool and self.block_size % self.final_block_pool)):
+        if (
+            not _is_int(self.final_block_pool)
+            or self.final_block_pool < 0
+            or (self.final_block_pool and self.block_size % self.final_block_pool)
+        ):
             raise ValueError(
                 f"PrismConfig.final_block_pool must be 0 or an int dividing block_size "
                 f"({self.block_size}), got {self.final_block_pool!r}"
             )
         self._check_int("local_blocks", 0)
         if self.output_error is not None and (
-                not _is_real(self.output_error) or not (0.0 < self.output_error <= 1.0)):
+            not _is_real(self.output_error) or not (0.0 < self.output_error <= 1.0)
+        ):
             raise ValueError(
                 f"PrismConfig.output_error must be None or a number in (0, 1], got "
                 f"{self.output_error!r}"
@@ -215,8 +220,11 @@ class PrismConfig:
                 f"({self.block_size}) when output_error is set"
             )
         self._check_int("dense_below", 0)
-        if (not _is_real(self.sparse_min_flops) or not math.isfinite(self.sparse_min_flops)
-                or self.sparse_min_flops < 0):
+        if (
+            not _is_real(self.sparse_min_flops)
+            or not math.isfinite(self.sparse_min_flops)
+            or self.sparse_min_flops < 0
+        ):
             raise ValueError(
                 f"PrismConfig.sparse_min_flops must be a finite number >= 0, got "
                 f"{self.sparse_min_flops!r}"

@@ -37,8 +37,17 @@ from .block_mask import compact_blocks
 from .scoring import BandScores
 from .selection import select_rows
 
-__all__ = ["FIT_THRESHOLDS", "FIT_SPLIT", "fit_rows", "fit_positions", "fit_inputs", "fit_pieces",
-           "fit_block_mask", "fit_attention_plain", "fitted_thresholds"]
+__all__ = [
+    "FIT_THRESHOLDS",
+    "FIT_SPLIT",
+    "fit_rows",
+    "fit_positions",
+    "fit_inputs",
+    "fit_pieces",
+    "fit_block_mask",
+    "fit_attention_plain",
+    "fitted_thresholds",
+]
 
 #: Candidate top-p thresholds, ascending. The last is 1.0 (every visible block, zero error),
 #: so every head has a candidate within any ``output_error``.
@@ -70,8 +79,17 @@ def fit_positions(rows: Tensor, q_len, block_size: int, tokens: int) -> Tensor:
     return start[:, None] + ((2 * i[None, :] + 1) * length[:, None]) // (2 * tokens)
 
 
-def fit_inputs(config, scores: BandScores, q: Tensor, grid: Tensor, rows: Tensor,
-               pos: Tensor, q_len, kv_len, fine_thr: float):
+def fit_inputs(
+    config,
+    scores: BandScores,
+    q: Tensor,
+    grid: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+    q_len,
+    kv_len,
+    fine_thr: float,
+):
     """Buckets, pieces, index tables and repeated queries of the fit.
 
     A bucket can hold most of a row's key blocks (those only the last candidates select);
@@ -105,8 +123,9 @@ def fit_inputs(config, scores: BandScores, q: Tensor, grid: Tensor, rows: Tensor
     t_count = len(FIT_THRESHOLDS)
     # Every sampled row at every candidate, through the selection itself: (B, H, S * T, Nk).
     thr = grid.repeat(config.fit_query_blocks)[:, None]
-    selected = select_rows(config, scores, rows.repeat_interleave(t_count), q_len, kv_len,
-                           thr, thr, fine_thr).selected
+    selected = select_rows(
+        config, scores, rows.repeat_interleave(t_count), q_len, kv_len, thr, thr, fine_thr
+    ).selected
     return fit_pieces(config, selected, q, pos, q_len, kv_len)
 
 
@@ -139,8 +158,7 @@ def fit_pieces(config, selected: Tensor, q: Tensor, pos: Tensor, q_len, kv_len):
     return q_fit, piece_of, piece_bucket, num, idx, key_pos.to(torch.int32)
 
 
-def fit_block_mask(num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int, config
-                   ) -> BlockMask:
+def fit_block_mask(num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int, config) -> BlockMask:
     """The ``BlockMask`` of the fit's compiled FlexAttention: query block ``s * P + p`` sees
     the key blocks of piece ``p`` of sampled block ``s`` (the block lists), token-level
     causal inside them (the ``mask_mod``)."""
@@ -149,13 +167,18 @@ def fit_block_mask(num: Tensor, idx: Tensor, key_pos: Tensor, kv_len: int, confi
         return key_pos[q_idx] >= kv_idx
 
     return BlockMask.from_kv_blocks(
-        num, idx, BLOCK_SIZE=(config.fit_tokens, config.block_size), mask_mod=causal,
-        seq_lengths=(key_pos.shape[0], kv_len), compute_q_blocks=False,
+        num,
+        idx,
+        BLOCK_SIZE=(config.fit_tokens, config.block_size),
+        mask_mod=causal,
+        seq_lengths=(key_pos.shape[0], kv_len),
+        compute_q_blocks=False,
     )
 
 
-def fit_attention_plain(q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor,
-                        key_pos: Tensor, config, scale) -> tuple[Tensor, Tensor]:
+def fit_attention_plain(
+    q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor, key_pos: Tensor, config, scale
+) -> tuple[Tensor, Tensor]:
     """What the fit's FlexAttention returns, ``(out, lse)`` per piece, in plain PyTorch: for
     CPU (the compiled CPU kernel returns no log-sum-exp; eager FlexAttention cannot run inside
     a custom op there) and for ``compiled=False``.
@@ -168,7 +191,7 @@ def fit_attention_plain(q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor,
     b, hq, _, d = q_fit.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     samples, n_pieces, nk = piece_of.shape[2], len(FIT_THRESHOLDS) + FIT_SPLIT, piece_of.shape[3]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     # one copy of the sampled tokens: (B, Hkv, G, S * m, D), GQA without repeating K/V
     q = q_fit.unflatten(2, (samples, n_pieces, m))[:, :, :, 0].flatten(2, 3)
     q = q.float().unflatten(1, (hkv, hq // hkv))
@@ -196,8 +219,9 @@ def fit_attention_plain(q_fit: Tensor, k: Tensor, v: Tensor, piece_of: Tensor,
     return out, lse
 
 
-def fitted_thresholds(config, out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor,
-                      output_error) -> Tensor:
+def fitted_thresholds(
+    config, out: Tensor, lse: Tensor, piece_bucket: Tensor, grid: Tensor, output_error
+) -> Tensor:
     """Per (batch, head), the smallest candidate whose output error is within
     ``output_error``.
 

@@ -30,9 +30,17 @@ class PrismAttention(nn.Module):
         self.scale = scale
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-        dropout_p: float = 0.0, is_causal: bool = True, *, scale: Optional[float] = None,
-        enable_gqa: bool = True, return_density: bool = False,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = True,
+        *,
+        scale: Optional[float] = None,
+        enable_gqa: bool = True,
+        return_density: bool = False,
     ):
         """Returns ``(B, Hq, Lq, D)``; with ``return_density`` also float32 ``(B, Hq)``.
 
@@ -53,7 +61,11 @@ class PrismAttention(nn.Module):
         if not is_causal:
             raise NotImplementedError("PrismAttention is causal only: is_causal must be True")
         return prism_attention(
-            q, k, v, self.config, scale=self.scale if scale is None else scale,
+            q,
+            k,
+            v,
+            self.config,
+            scale=self.scale if scale is None else scale,
             return_density=return_density,
         )
 

@@ -99,9 +99,17 @@ def pool_inputs(q: Tensor, k: Tensor, config: PrismConfig, mode: Mode) -> Pooled
 
 def band_scores(pooled: Pooled, config: PrismConfig, mode: Mode) -> BandScores:
     """:func:`~prism_flex.scoring.score_bands` of the whole call."""
-    scores = run_stage(score_bands, mode, config, pooled.q_pool, pooled.k_pool,
-                       config.high_temperature, config.low_temperature, pooled.q_final,
-                       pooled.k_fine)
+    scores = run_stage(
+        score_bands,
+        mode,
+        config,
+        pooled.q_pool,
+        pooled.k_pool,
+        config.high_temperature,
+        config.low_temperature,
+        pooled.q_final,
+        pooled.k_fine,
+    )
     if mode is Mode.COMPILED:
         scores = BandScores(*lengths_only_dynamic(*scores))
     return scores
@@ -120,20 +128,33 @@ def _all_tables(q, k, v, pooled, config, scale, mode) -> BlockTables:
     thresholds = Thresholds.of(config)
     rows = chunk_rows(config, batch, hq, nk)
     if config.output_error is None and nq <= rows:
-        args = (pooled.q_pool, pooled.k_pool, pooled.q_final, pooled.k_fine, q_len, kv_len,
-                config.high_temperature, config.low_temperature, *thresholds)
-        if (mode is Mode.COMPILED and q.device.type == "cuda"
-                and batch * hq * nq * nk <= _GRAPH_MAX_SCORES):
+        args = (
+            pooled.q_pool,
+            pooled.k_pool,
+            pooled.q_final,
+            pooled.k_fine,
+            q_len,
+            kv_len,
+            config.high_temperature,
+            config.low_temperature,
+            *thresholds,
+        )
+        if (
+            mode is Mode.COMPILED
+            and q.device.type == "cuda"
+            and batch * hq * nq * nk <= _GRAPH_MAX_SCORES
+        ):
             return _GRAPHED_SELECTION(config, *args)
         return run_stage(score_and_select_tables, mode, config, *args)
     scores = band_scores(pooled, config, mode)
     thresholds = _thresholds(q, k, v, scores, config, scale, mode)
-    tables = [torch.empty((batch, hq, nq) + (nk,) * (i % 2), dtype=torch.int32, device=q.device)
-              for i in range(4)]
+    tables = [
+        torch.empty((batch, hq, nq) + (nk,) * (i % 2), dtype=torch.int32, device=q.device)
+        for i in range(4)
+    ]
     for start in range(0, nq, rows):
         n = min(rows, nq - start)
-        chunk = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len,
-                          *thresholds)
+        chunk = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len, *thresholds)
         for dst, src in zip(tables, chunk):
             dst[:, :, start : start + n].copy_(src)
     return BlockTables(*tables)
@@ -148,8 +169,14 @@ def _thresholds(q, k, v, scores, config, scale, mode) -> Thresholds:
     return Thresholds(fitted, fitted, thresholds.fine)
 
 
-def block_tables(q: Tensor, k: Tensor, v: Optional[Tensor], config: PrismConfig,
-                 scale: Optional[float], mode: Mode) -> BlockTables:
+def block_tables(
+    q: Tensor,
+    k: Tensor,
+    v: Optional[Tensor],
+    config: PrismConfig,
+    scale: Optional[float],
+    mode: Mode,
+) -> BlockTables:
     """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
     pooled = pool_inputs(q, k, config, mode)
     tables = _all_tables(q, k, v, pooled, config, scale, mode)
@@ -159,8 +186,14 @@ def block_tables(q: Tensor, k: Tensor, v: Optional[Tensor], config: PrismConfig,
     return tables
 
 
-def table_block_mask(tables: BlockTables, q_len: int, kv_len: int, query_offset: int,
-                     config: PrismConfig, device: torch.device) -> BlockMask:
+def table_block_mask(
+    tables: BlockTables,
+    q_len: int,
+    kv_len: int,
+    query_offset: int,
+    config: PrismConfig,
+    device: torch.device,
+) -> BlockMask:
     """The ``BlockMask`` of tables whose first query block starts at query token
     ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call."""
     offset = kv_len - q_len + query_offset
@@ -174,8 +207,9 @@ def table_block_mask(tables: BlockTables, q_len: int, kv_len: int, query_offset:
     return block_mask_from_tables(*tables, offset, chunk_len, kv_len, config.block_size)
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask,
-                     scale: Optional[float], mode: Mode) -> Tensor:
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Optional[float], mode: Mode
+) -> Tensor:
     """FlexAttention over the blocks of ``block_mask``, native GQA (see
     :func:`prism_flex.sparse_attention`)."""
     gqa = q.shape[1] != k.shape[1]
@@ -183,26 +217,37 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask,
         # Eager FlexAttention ignores the block lists: enforce them through the mask_mod.
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=with_table_mask_mod(block_mask),
-                              scale=scale, enable_gqa=gqa)
+        return flex_attention(
+            q, k, v, block_mask=with_table_mask_mod(block_mask), scale=scale, enable_gqa=gqa
+        )
     if mode is Mode.TRACED:
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     q, k, v = lengths_only_dynamic(q, k, v)
-    return compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                           kernel_options=kernel_options(q.device))
+    return compiled_flex()(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=gqa,
+        kernel_options=kernel_options(q.device),
+    )
 
 
 #: Dense backends in order of preference: cuDNN first (on the H200 it is the fastest dense
 #: causal attention: 265 ms at 128K against 449 ms for flash, bench/NOTES.md), then the rest
 #: as SDPA would pick them; each is skipped where it cannot take the inputs.
-_DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_DENSE_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float],
-                    mode: Mode) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], mode: Mode) -> Tensor:
     """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V)."""
     if mode is Mode.TRACED:
         # Traced in a user's graph (e.g. training, where the dense path is differentiable):
@@ -216,8 +261,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float],
 def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bool) -> Tensor:
     q_len, kv_len = q.shape[2], k.shape[2]
     if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(
@@ -225,8 +269,9 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bo
     )
 
 
-def prism_forward(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig,
-                  scale: Optional[float], mode: Mode) -> tuple[Tensor, Tensor]:
+def prism_forward(
+    q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[float], mode: Mode
+) -> tuple[Tensor, Tensor]:
     """Prism attention of checked, detached inputs that need no grad.
 
     Returns:
@@ -255,8 +300,9 @@ def prism_forward(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig,
     chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
     for start in range(0, nq, rows):
         n = min(rows, nq - start)
-        tables = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len,
-                           *thresholds)
+        tables = run_stage(
+            select_tables, mode, config, scores, start, n, q_len, kv_len, *thresholds
+        )
         if mode is Mode.COMPILED:
             tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
         first, last = start * bs, min((start + n) * bs, q_len)
@@ -278,8 +324,7 @@ def _visible_blocks(q_len: int, kv_len: int, bs: int, nq: int, device) -> Tensor
 
 def _density(partial_num: Tensor, full_num: Tensor, q_len, kv_len, bs) -> Tensor:
     chosen = (partial_num.sum(-1) + full_num.sum(-1)).float()
-    return chosen / _visible_blocks(q_len, kv_len, bs, partial_num.shape[-1],
-                                    partial_num.device)
+    return chosen / _visible_blocks(q_len, kv_len, bs, partial_num.shape[-1], partial_num.device)
 
 
 def _fit_thresholds(q, k, v, scores, config, scale, mode) -> Tensor:
@@ -287,12 +332,12 @@ def _fit_thresholds(q, k, v, scores, config, scale, mode) -> Tensor:
     q_len, kv_len = q.shape[2], k.shape[2]
     grid = _fit_grid(q.device)
     make = _fit_samples if mode is Mode.COMPILED else _make_fit_samples
-    rows, pos = make(q_len, config.block_size, config.fit_query_blocks, config.fit_tokens,
-                     q.device)
+    rows, pos = make(q_len, config.block_size, config.fit_query_blocks, config.fit_tokens, q.device)
     q_in = lengths_only_dynamic(q)[0] if mode is Mode.COMPILED else q
     fine = Thresholds.of(config).fine
     q_fit, piece_of, piece_bucket, num, idx, key_pos = run_stage(
-        fit.fit_inputs, mode, config, scores, q_in, grid, rows, pos, q_len, kv_len, fine)
+        fit.fit_inputs, mode, config, scores, q_in, grid, rows, pos, q_len, kv_len, fine
+    )
     if mode is not Mode.COMPILED or q.device.type != "cuda":
         # The compiled CPU FlexAttention returns no log-sum-exp, and eager FlexAttention
         # cannot run inside our custom op: the same sums in plain PyTorch.
@@ -306,12 +351,26 @@ def _fit_thresholds(q, k, v, scores, config, scale, mode) -> Tensor:
         q_fit, k, v = lengths_only_dynamic(q_fit, k, v)
         torch._dynamo.mark_static(q_fit, 2)  # S * P * m rows: a constant of the config
         out, aux = compiled_flex()(
-            q_fit, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-            kernel_options=options, return_aux=AuxRequest(lse=True),
+            q_fit,
+            k,
+            v,
+            block_mask=mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+            kernel_options=options,
+            return_aux=AuxRequest(lse=True),
         )
         lse = aux.lse
-    return run_stage(fit.fitted_thresholds, mode, config, out, lse, piece_bucket, grid,
-                     float(config.output_error))
+    return run_stage(
+        fit.fitted_thresholds,
+        mode,
+        config,
+        out,
+        lse,
+        piece_bucket,
+        grid,
+        float(config.output_error),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,8 +381,9 @@ def _fit_grid(device: torch.device) -> Tensor:
     return torch.tensor(fit.FIT_THRESHOLDS, dtype=torch.float32, device=device)
 
 
-def _make_fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
-                      device: torch.device) -> tuple[Tensor, Tensor]:
+def _make_fit_samples(
+    q_len: int, block_size: int, samples: int, tokens: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """The fit's sampled query blocks and tokens (``fit.fit_rows``, ``fit.fit_positions``),
     int64 ``(S,)`` and ``(S, m)``."""
     rows = fit.fit_rows((q_len + block_size - 1) // block_size, samples, device)
@@ -331,8 +391,9 @@ def _make_fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _fit_samples(q_len: int, block_size: int, samples: int, tokens: int,
-                 device: torch.device) -> tuple[Tensor, Tensor]:
+def _fit_samples(
+    q_len: int, block_size: int, samples: int, tokens: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """:func:`_make_fit_samples`, made eagerly once per query length and device: as inputs
     of the compiled fit stage they are loaded, not folded into its index arithmetic (see
     ``fit.fit_inputs``). Their sizes are constants of the config."""

@@ -148,8 +148,9 @@ def diagonal_range(row_start, num_rows, q_len, kv_len, block_size: int, device):
     return rows_diagonal_range(rows, q_len, kv_len, block_size)
 
 
-def local_blocks_table(rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int,
-                       count: int) -> Tensor:
+def local_blocks_table(
+    rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int, count: int
+) -> Tensor:
     """Bool ``(R, Nk)``: the ``count`` key blocks right before the first diagonal block of
     each query block in ``rows`` (``PrismConfig.local_blocks``)."""
     first, _ = rows_diagonal_range(rows, q_len, kv_len, block_size)
@@ -165,8 +166,9 @@ def rows_diagonal_range(rows: Tensor, q_len, kv_len, block_size: int):
     # geometry, and int64 division is slow on the GPU.
     offset = kv_len - q_len
     first = rows + offset // block_size
-    last = torch.clamp(rows + (offset + block_size - 1) // block_size,
-                       max=(kv_len - 1) // block_size)
+    last = torch.clamp(
+        rows + (offset + block_size - 1) // block_size, max=(kv_len - 1) // block_size
+    )
     return first, last
 
 
@@ -189,8 +191,9 @@ def causal_block_geometry(
     return rows_block_geometry(rows, num_kv_blocks, q_len, kv_len, block_size)
 
 
-def rows_block_geometry(rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int
-                        ) -> tuple[Tensor, Tensor]:
+def rows_block_geometry(
+    rows: Tensor, num_kv_blocks, q_len, kv_len, block_size: int
+) -> tuple[Tensor, Tensor]:
     """:func:`causal_block_geometry` of any query blocks, ``rows``: int64 ``(R,)``."""
     first, last = rows_diagonal_range(rows, q_len, kv_len, block_size)
     cols = torch.arange(num_kv_blocks, device=rows.device)
@@ -266,9 +269,15 @@ class BandScores(NamedTuple):
     k_fine: Optional[Tensor] = None
 
 
-def score_bands(config, q_pool: Tensor, k_pool: Tensor, high_temperature, low_temperature,
-                q_final: Optional[Tensor] = None, k_fine: Optional[Tensor] = None
-                ) -> BandScores:
+def score_bands(
+    config,
+    q_pool: Tensor,
+    k_pool: Tensor,
+    high_temperature,
+    low_temperature,
+    q_final: Optional[Tensor] = None,
+    k_fine: Optional[Tensor] = None,
+) -> BandScores:
     """Bands of the pooled Q and K and their temperatures (calibrated, or the given ones).
 
     Args:
@@ -281,21 +290,21 @@ def score_bands(config, q_pool: Tensor, k_pool: Tensor, high_temperature, low_te
     """
     high_dims, low_dims = config.band_dims(q_pool.shape[-1])
     parts = []
-    for dims, which, temperature in ((high_dims, "high", high_temperature),
-                                     (low_dims, "low", low_temperature)):
+    for dims, which, temperature in (
+        (high_dims, "high", high_temperature),
+        (low_dims, "low", low_temperature),
+    ):
         q_band = band(q_pool, dims, which, config.rope_layout)
         k_band = band(k_pool, dims, which, config.rope_layout)
         if config.calibrate:
             t = band_temperature(q_pool, k_pool, q_band, k_band)
         else:
-            t = torch.full(q_pool.shape[:2], temperature, dtype=torch.float32,
-                           device=q_pool.device)
+            t = torch.full(q_pool.shape[:2], temperature, dtype=torch.float32, device=q_pool.device)
         parts += [q_band, k_band, math.sqrt(dims) * t]
     return BandScores(*parts, q_final, k_fine)
 
 
-def final_block_inputs(q: Tensor, k: Tensor, block_size: int, pool: int
-                       ) -> tuple[Tensor, Tensor]:
+def final_block_inputs(q: Tensor, k: Tensor, block_size: int, pool: int) -> tuple[Tensor, Tensor]:
     """The pooled inputs of :func:`final_block_probs`: the last query block mean-pooled over
     ``pool`` tokens, zero-padded to ``block_size / pool`` rows (a fixed size: a last block
     of one sub-block would otherwise give a compiled caller another shape), and all keys

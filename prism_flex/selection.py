@@ -45,8 +45,9 @@ class Selection(NamedTuple):
     diagonal: Tensor
 
 
-def select_rows(config, scores: BandScores, rows: Tensor, q_len, kv_len, high_thr, low_thr,
-                fine_thr) -> Selection:
+def select_rows(
+    config, scores: BandScores, rows: Tensor, q_len, kv_len, high_thr, low_thr, fine_thr
+) -> Selection:
     """The selection of query blocks ``rows`` (int64 ``(R,)``, any order and repeats: the
     threshold fit scores a few rows at several thresholds at once).
 
@@ -71,13 +72,20 @@ def select_rows(config, scores: BandScores, rows: Tensor, q_len, kv_len, high_th
     if config.local_blocks:
         extra = local_blocks_table(rows, nk, q_len, kv_len, bs, config.local_blocks)
     if config.final_block_pool:
-        probs = final_block_probs(scores.q_final, scores.k_fine, q_len, kv_len, bs,
-                                  config.final_block_pool)
+        probs = final_block_probs(
+            scores.q_final, scores.k_fine, q_len, kv_len, bs, config.final_block_pool
+        )
         fine = top_p_select(probs, fine_thr)
         fine = fine & (rows == nq - 1)[:, None]  # (B, Hq, R, Nk): only the last query block
         extra = fine if extra is None else fine | extra
     selected = combine_selection(
-        high, low, allowed, diagonal, config.force_sink, config.force_diagonal, dense_rows,
+        high,
+        low,
+        allowed,
+        diagonal,
+        config.force_sink,
+        config.force_diagonal,
+        dense_rows,
         extra,
     )
     return Selection(selected, allowed, diagonal)

@@ -75,8 +75,10 @@ def band_probs(q, k, config: PrismConfig) -> dict:
                 if config.calibrate:
                     t[bi, h] = (
                         math.sqrt(dims / d)
-                        * rms(qb[bi : bi + 1, h : h + 1]) / rms(qp[bi : bi + 1, h : h + 1])
-                        * rms(kb[bi : bi + 1, kh : kh + 1]) / rms(kp[bi : bi + 1, kh : kh + 1])
+                        * rms(qb[bi : bi + 1, h : h + 1])
+                        / rms(qp[bi : bi + 1, h : h + 1])
+                        * rms(kb[bi : bi + 1, kh : kh + 1])
+                        / rms(kp[bi : bi + 1, kh : kh + 1])
                     ).item()
                 else:
                     t[bi, h] = getattr(config, f"{which}_temperature")
@@ -104,7 +106,9 @@ def causal_blocks(q_len: int, kv_len: int, block_size: int):
     for i in range(nq):
         for j in range(nk):
             allowed[i, j] = bool(
-                tok[i * block_size : (i + 1) * block_size, j * block_size : (j + 1) * block_size].any()
+                tok[
+                    i * block_size : (i + 1) * block_size, j * block_size : (j + 1) * block_size
+                ].any()
             )
         for t in range(i * block_size, min((i + 1) * block_size, q_len)):
             diagonal[i, (t + kv_len - q_len) // block_size] = True
@@ -186,7 +190,8 @@ def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Ten
                 chosen = set()
                 for which in ("high", "low"):
                     kept, m = top_p_row(
-                        bp[f"probs_{which}"][bi, h, i].tolist(), getattr(config, f"{which}_threshold")
+                        bp[f"probs_{which}"][bi, h, i].tolist(),
+                        getattr(config, f"{which}_threshold"),
                     )
                     chosen |= kept
                     margin[bi, h, i] = min(margin[bi, h, i], m)
@@ -225,7 +230,9 @@ def attention(q, k, v, block_table, block_size: int, scale=None, dtype=torch.flo
     for bi in range(b):
         for h in range(hq):
             kh = h // (hq // hkv)
-            table = block_table[bi, h].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+            table = (
+                block_table[bi, h].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+            )
             mask = tok & table[:lq, :lkv]
             scores = (q[bi, h].to(dtype) @ k[bi, kh].to(dtype).T) * scale
             scores = scores.masked_fill(~mask, -math.inf)
@@ -273,10 +280,15 @@ def fitted_selection(q, k, v, config: PrismConfig, scale=None):
     plain = replace(config, output_error=None)
     # final_block_pool's row keeps the configured threshold: only the bands' is fitted
     fine = max(config.high_threshold, config.low_threshold)
-    tables = [selection(q, k, replace(plain, high_threshold=t, low_threshold=t), fine)
-              for t in FIT_THRESHOLDS]
-    tokens = [(r, t) for r in fit_rows(nq, config.fit_query_blocks)
-              for t in fit_tokens(r, lq, bs, config.fit_tokens)]
+    tables = [
+        selection(q, k, replace(plain, high_threshold=t, low_threshold=t), fine)
+        for t in FIT_THRESHOLDS
+    ]
+    tokens = [
+        (r, t)
+        for r in fit_rows(nq, config.fit_query_blocks)
+        for t in fit_tokens(r, lq, bs, config.fit_tokens)
+    ]
     table = torch.zeros_like(tables[0][0])
     margin = torch.zeros_like(tables[0][1])
     thresholds = torch.zeros(b, hq, dtype=torch.float64)
@@ -305,9 +317,9 @@ def fitted_selection(q, k, v, config: PrismConfig, scale=None):
             table[bi, h] = tables[chosen][0][bi, h]
             # Only the candidates up to the chosen one decide: a flip at a later one (its
             # error crossing the budget, or a sampled row's top-p there) changes nothing.
-            fit_margin = min(abs(e - budget * refs) / max(refs, 1e-300)
-                             for e in errs[: chosen + 1])
-            sampled = min(float(tables[c][1][bi, h, r]) for c in range(chosen + 1)
-                          for r, _ in tokens)
+            fit_margin = min(abs(e - budget * refs) / max(refs, 1e-300) for e in errs[: chosen + 1])
+            sampled = min(
+                float(tables[c][1][bi, h, r]) for c in range(chosen + 1) for r, _ in tokens
+            )
             margin[bi, h] = torch.clamp(tables[chosen][1][bi, h], max=min(fit_margin, sampled))
     return table, margin, thresholds

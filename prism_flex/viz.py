@@ -19,8 +19,13 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .attention import block_density
 
-__all__ = ["head_density", "block_table", "causal_block_table", "plot_block_mask",
-           "plot_head_density"]
+__all__ = [
+    "head_density",
+    "block_table",
+    "causal_block_table",
+    "plot_block_mask",
+    "plot_head_density",
+]
 
 PLOT_INSTALL_HINT = "plotting needs matplotlib: pip install 'prism_flex[plot]' (or matplotlib)"
 
@@ -106,8 +111,9 @@ def plot_head_density(block_mask: BlockMask, ax=None):
     density = head_density(block_mask).cpu().numpy()  # (B, H)
     if ax is None:
         _, ax = plt.subplots()
-    image = ax.imshow(density, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
-                      aspect="auto")
+    image = ax.imshow(
+        density, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest", aspect="auto"
+    )
     ax.figure.colorbar(image, ax=ax, label="block density")
     ax.set_xlabel("head")
     ax.set_ylabel("sequence")

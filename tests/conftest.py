@@ -11,11 +11,18 @@ from hypothesis import HealthCheck, settings
 
 # CI runs a fixed, smaller set of examples so that its time is predictable.
 settings.register_profile(
-    "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "dev", max_examples=20, deadline=None, print_blob=True,
+    "dev",
+    max_examples=20,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
@@ -33,8 +40,9 @@ def _fresh_dynamo():
         yield
 
 
-def structured_qkv(b, hq, hkv, lq, lkv, d, *, seed=0, dtype=torch.float32, block_size=128,
-                   signal=2.0):
+def structured_qkv(
+    b, hq, hkv, lq, lkv, d, *, seed=0, dtype=torch.float32, block_size=128, signal=2.0
+):
     """Random q/k/v whose pooled blocks are not all alike (so the block softmax is peaked).
 
     Gaussian noise plus one random vector per ``block_size`` tokens (scaled by ``signal``):

@@ -21,8 +21,8 @@ from prism_flex import (
     prism_attention,
     prism_block_mask,
 )
-
 from prism_flex import testing as ref
+
 from .conftest import assert_tables_equal, structured_qkv
 
 interesting_lengths = st.sampled_from([1, 2, 97, 127, 128, 129, 255, 256, 257, 700, 1025, 2048])
@@ -43,8 +43,9 @@ def problems(draw, max_len=2048):
 
 
 def _qkv(p, dtype=torch.float32):
-    return structured_qkv(p["b"], p["hq"], p["hkv"], p["lq"], p["lkv"], p["d"], seed=p["seed"],
-                          dtype=dtype)
+    return structured_qkv(
+        p["b"], p["hq"], p["hkv"], p["lq"], p["lkv"], p["d"], seed=p["seed"], dtype=dtype
+    )
 
 
 CFG = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8)
@@ -136,16 +137,27 @@ def test_local_blocks_match_reference_and_are_always_kept(p, local):
         assert table[:, :, i, max(0, first - local) : first].all()
 
 
-@given(p=problems(), pool=st.sampled_from([16, 32, 128]),
-       thresholds=st.sampled_from([(0.8, 0.8), (0.5, 0.9), (0.95, 0.6)]))
+@given(
+    p=problems(),
+    pool=st.sampled_from([16, 32, 128]),
+    thresholds=st.sampled_from([(0.8, 0.8), (0.5, 0.9), (0.95, 0.6)]),
+)
 def test_final_block_pool_matches_reference(p, pool, thresholds):
-    cfg = dataclasses.replace(CFG, dense_final_blocks=0, final_block_pool=pool,
-                              high_threshold=thresholds[0], low_threshold=thresholds[1])
+    cfg = dataclasses.replace(
+        CFG,
+        dense_final_blocks=0,
+        final_block_pool=pool,
+        high_threshold=thresholds[0],
+        low_threshold=thresholds[1],
+    )
     table = _table_checked_against_reference(p, cfg)
     # Only the last query block gains blocks.
     q, k, _ = _qkv(p)
-    plain = prism_block_mask(q, k, dataclasses.replace(cfg, final_block_pool=0),
-                             compiled=False).to_dense().bool()
+    plain = (
+        prism_block_mask(q, k, dataclasses.replace(cfg, final_block_pool=0), compiled=False)
+        .to_dense()
+        .bool()
+    )
     assert torch.equal(table[:, :, :-1], plain[:, :, :-1])
     assert torch.all(table[:, :, -1] >= plain[:, :, -1])
 
@@ -153,11 +165,21 @@ def test_final_block_pool_matches_reference(p, pool, thresholds):
 @given(p=problems(max_len=1200), t=st.floats(0.05, 0.9), dt=st.floats(0.0, 0.5))
 def test_higher_threshold_selects_superset(p, t, dt):
     q, k, _ = _qkv(p)
-    low = prism_block_mask(q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=t, low_threshold=t),
-                           compiled=False)
+    low = prism_block_mask(
+        q,
+        k,
+        PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=t, low_threshold=t),
+        compiled=False,
+    )
     high = prism_block_mask(
-        q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=min(1.0, t + dt),
-                          low_threshold=min(1.0, t + dt / 2)),
+        q,
+        k,
+        PrismConfig(
+            dense_below=0,
+            sparse_min_flops=0,
+            high_threshold=min(1.0, t + dt),
+            low_threshold=min(1.0, t + dt / 2),
+        ),
         compiled=False,
     )
     assert torch.all(low.to_dense() <= high.to_dense())
@@ -166,8 +188,12 @@ def test_higher_threshold_selects_superset(p, t, dt):
 @given(p=problems(max_len=1200))
 def test_sink_and_diagonal_always_selected(p):
     q, k, _ = _qkv(p)
-    mask = prism_block_mask(q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.01, low_threshold=0.01),
-                            compiled=False)
+    mask = prism_block_mask(
+        q,
+        k,
+        PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.01, low_threshold=0.01),
+        compiled=False,
+    )
     table = mask.to_dense().bool()
     _, diagonal = ref.causal_blocks(p["lq"], p["lkv"], 128)
     assert table[..., 0].all()
@@ -204,8 +230,10 @@ def test_dense_causal_attention_is_bottom_right(lq, lkv, hq, hkv):
     q, k, v = structured_qkv(2, hq, hkv, lq, lkv, 32)
     table = torch.ones(2, hq, ref.num_blocks(lq, 128), ref.num_blocks(lkv, 128), dtype=torch.bool)
     torch.testing.assert_close(
-        dense_causal_attention(q, k, v).double(), ref.attention(q, k, v, table, 128),
-        rtol=1e-5, atol=1e-5,
+        dense_causal_attention(q, k, v).double(),
+        ref.attention(q, k, v, table, 128),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -215,8 +243,7 @@ def test_decode_step_through_sparse_path_is_dense():
     q, k, v = structured_qkv(1, 4, 2, 1, 700, 64)
     cfg = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=1.0, low_threshold=1.0)
     out = prism_attention(q, k, v, cfg, compiled=False)
-    torch.testing.assert_close(out, dense_causal_attention(q, k, v),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_block_density_counts_visible_pairs():

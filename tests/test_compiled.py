@@ -13,14 +13,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
-
 from prism_flex import testing as ref
+
 from .conftest import assert_clear_rows_equal, assert_tables_equal, structured_qkv
 
 # The finer final-block scoring on (instead of the dense final block) so that the compiled
 # path of that option is covered without compiling one more graph.
-CFG = PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=0.8, low_threshold=0.8, dense_final_blocks=0,
-                  final_block_pool=32)
+CFG = PrismConfig(
+    dense_below=0,
+    sparse_min_flops=0,
+    high_threshold=0.8,
+    low_threshold=0.8,
+    dense_final_blocks=0,
+    final_block_pool=32,
+)
 SHAPE_CLASSES = [  # (batch, query heads, kv heads, head dim)
     (1, 4, 2, 64),
     (3, 7, 1, 32),
@@ -45,8 +51,10 @@ def test_compiled_equals_eager(p):
     assert_tables_equal(compiled, eager, margin)
     if torch.equal(compiled, eager):
         torch.testing.assert_close(
-            prism_attention(q, k, v, CFG), prism_attention(q, k, v, CFG, compiled=False),
-            rtol=1e-5, atol=1e-5,
+            prism_attention(q, k, v, CFG),
+            prism_attention(q, k, v, CFG, compiled=False),
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 
@@ -105,15 +113,27 @@ def test_no_recompilation_across_lengths():
     configs with different thresholds, either one the larger, and the threshold fit at two
     error budgets) compiles nothing new."""
     counters = torch._dynamo.utils.counters
-    configs = [CFG, dataclasses.replace(CFG, high_threshold=0.5, low_threshold=0.9),
-               dataclasses.replace(CFG, high_threshold=0.9, low_threshold=0.5),
-               FIT, dataclasses.replace(FIT, output_error=0.3)]
+    configs = [
+        CFG,
+        dataclasses.replace(CFG, high_threshold=0.5, low_threshold=0.9),
+        dataclasses.replace(CFG, high_threshold=0.9, low_threshold=0.5),
+        FIT,
+        dataclasses.replace(FIT, output_error=0.3),
+    ]
     for lq, lkv in [(600, 600), (700, 1000)]:  # warm-up: equal and unequal lengths
         for cfg in (CFG, FIT):
             prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), cfg)
     before = counters["stats"]["unique_graphs"]
-    for lq, lkv in [(384, 384), (500, 500), (777, 900), (1024, 1024), (1025, 1300),
-                    (1500, 1500), (1800, 2047), (2048, 2048)]:
+    for lq, lkv in [
+        (384, 384),
+        (500, 500),
+        (777, 900),
+        (1024, 1024),
+        (1025, 1300),
+        (1500, 1500),
+        (1800, 2047),
+        (2048, 2048),
+    ]:
         for cfg in configs:
             prism_attention(*structured_qkv(1, 4, 2, lq, lkv, 64), cfg)
     assert counters["stats"]["unique_graphs"] == before

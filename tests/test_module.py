@@ -93,7 +93,9 @@ def test_inputs_that_require_grad_run_dense_with_gradients_and_a_warning():
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).square().sum().backward()
+    F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    ).square().sum().backward()
     for got, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(got, t.grad)
 
@@ -113,14 +115,26 @@ def test_config_crosses_the_custom_op_boundary_whole():
     dropped there would be silently ignored under compile)."""
     import dataclasses
 
-    cfg = PrismConfig(high_threshold=0.87, local_blocks=2, output_error=0.05,
-                      rope_layout="interleaved", sparse_min_flops=0, high_band_dims=8)
+    cfg = PrismConfig(
+        high_threshold=0.87,
+        local_blocks=2,
+        output_error=0.05,
+        rope_layout="interleaved",
+        sparse_min_flops=0,
+        high_band_dims=8,
+    )
     assert PrismConfig.from_json(cfg.to_json()) == cfg
     assert set(dataclasses.asdict(cfg)) == {f.name for f in dataclasses.fields(PrismConfig)}
 
 
-@pytest.mark.parametrize("kwargs", [dict(attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)),
-                                    dict(is_causal=False), dict(dropout_p=0.1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)),
+        dict(is_causal=False),
+        dict(dropout_p=0.1),
+    ],
+)
 def test_sdpa_arguments_fail_clearly(kwargs):
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(NotImplementedError, match="PrismAttention"):
@@ -133,13 +147,13 @@ def test_inputs_that_require_grad_inside_a_compiled_training_graph():
     import torch.nn.functional as F
 
     q, k, v = (torch.randn(1, h, 64, 32, requires_grad=True) for h in (4, 2, 2))
-    step = torch.compile(lambda q, k, v: prism_attention(q, k, v) * 2, dynamic=True,
-                         fullgraph=True)
+    step = torch.compile(lambda q, k, v: prism_attention(q, k, v) * 2, dynamic=True, fullgraph=True)
     step(q, k, v).square().sum().backward()
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2
-     ).square().sum().backward()
+    (
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2
+    ).square().sum().backward()
     for g, t in zip(got, (q, k, v)):
         torch.testing.assert_close(g, t.grad)

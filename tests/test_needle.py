@@ -2,8 +2,7 @@
 
 import pytest
 
-from eval.needle import (NEEDLE, PREFIX, QUESTION, is_correct, make_key, make_prompt,
-                          needle_position)
+from eval.needle import NEEDLE, PREFIX, QUESTION, is_correct, make_key, make_prompt, needle_position
 
 
 class WordTokenizer:
@@ -37,8 +36,9 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-TEXT = " ".join(f"Sentence number {i} says something about Emma and Mr. Knightley."
-                for i in range(400))
+TEXT = " ".join(
+    f"Sentence number {i} says something about Emma and Mr. Knightley." for i in range(400)
+)
 
 
 @pytest.mark.parametrize("tok", [WordTokenizer(), CharTokenizer()])
@@ -77,8 +77,10 @@ def test_depth_order_and_errors():
     tok = CharTokenizer()
     key = 55555
     needle = tok.encode(NEEDLE.format(key=key))
-    pos = [needle_position(make_prompt(tok, TEXT, 3000, d, key), needle)
-           for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    pos = [
+        needle_position(make_prompt(tok, TEXT, 3000, d, key), needle)
+        for d in (0.0, 0.25, 0.5, 0.75, 1.0)
+    ]
     assert pos == sorted(pos) and len(set(pos)) == 5
     with pytest.raises(ValueError):
         make_prompt(tok, TEXT, 3000, 1.5, key)

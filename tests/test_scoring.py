@@ -5,16 +5,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prism_flex import PrismConfig, score_inputs
+from prism_flex import testing as ref
 from prism_flex.scoring import band, block_softmax, causal_block_geometry, pool_blocks
 
-from prism_flex import testing as ref
 from .conftest import structured_qkv
 
 lengths = st.sampled_from([1, 2, 97, 127, 128, 129, 255, 256, 300, 1025]) | st.integers(1, 1200)
 
 
-@given(length=lengths, block=st.sampled_from([16, 32, 128]), b=st.integers(1, 2),
-       h=st.integers(1, 3))
+@given(
+    length=lengths, block=st.sampled_from([16, 32, 128]), b=st.integers(1, 2), h=st.integers(1, 3)
+)
 def test_pool_matches_reference_including_tail(length, block, b, h):
     x = torch.randn(b, h, length, 8, dtype=torch.float64)
     got = pool_blocks(x, block)
@@ -43,8 +44,11 @@ def _rope(x, layout, base=10000.0):
     return out
 
 
-@given(layout=st.sampled_from(["half", "interleaved"]), d=st.sampled_from([8, 16, 64, 128]),
-       data=st.data())
+@given(
+    layout=st.sampled_from(["half", "interleaved"]),
+    d=st.sampled_from([8, 16, 64, 128]),
+    data=st.data(),
+)
 def test_bands_pick_highest_and_lowest_frequency_pairs(layout, d, data):
     dims = data.draw(st.integers(1, d // 2)) * 2
     # Rotate each basis vector e_i by RoPE at position 1: the part left in dim i is
@@ -66,13 +70,24 @@ def _scores(q, k, config):
     return score_inputs(q, k, config)
 
 
-@given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 7]),
-       lkv=st.integers(1, 900), data=st.data(), calibrate=st.booleans(),
-       layout=st.sampled_from(["half", "interleaved"]))
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 7]),
+    lkv=st.integers(1, 900),
+    data=st.data(),
+    calibrate=st.booleans(),
+    layout=st.sampled_from(["half", "interleaved"]),
+)
 def test_band_probabilities_match_reference(b, hkv, group, lkv, data, calibrate, layout):
     lq = data.draw(st.integers(1, lkv))
-    cfg = PrismConfig(calibrate=calibrate, rope_layout=layout, high_temperature=0.7,
-                      low_temperature=1.3, block_size=32)
+    cfg = PrismConfig(
+        calibrate=calibrate,
+        rope_layout=layout,
+        high_temperature=0.7,
+        low_temperature=1.3,
+        block_size=32,
+    )
     q, k, _ = structured_qkv(b, hkv * group, hkv, lq, lkv, 32, seed=lkv, block_size=32)
     s = _scores(q, k, cfg)
     r = ref.band_probs(q, k, cfg)
@@ -81,25 +96,37 @@ def test_band_probabilities_match_reference(b, hkv, group, lkv, data, calibrate,
     assert torch.equal(allowed, r["allowed"]) and torch.equal(diagonal, r["diagonal"])
     for which, dims in zip(("high", "low"), cfg.band_dims(32)):
         torch.testing.assert_close(
-            getattr(s, f"div_{which}").double(), math.sqrt(dims) * r[f"t_{which}"], rtol=1e-5, atol=0
+            getattr(s, f"div_{which}").double(),
+            math.sqrt(dims) * r[f"t_{which}"],
+            rtol=1e-5,
+            atol=0,
         )
-        logits = torch.matmul(
-            getattr(s, f"q_{which}").reshape(b, hkv, group * nq, dims),
-            getattr(s, f"k_{which}").transpose(-1, -2),
-        ).view(b, hkv * group, nq, nk) / getattr(s, f"div_{which}")[..., None, None]
+        logits = (
+            torch.matmul(
+                getattr(s, f"q_{which}").reshape(b, hkv, group * nq, dims),
+                getattr(s, f"k_{which}").transpose(-1, -2),
+            ).view(b, hkv * group, nq, nk)
+            / getattr(s, f"div_{which}")[..., None, None]
+        )
         probs = block_softmax(logits, allowed)
         torch.testing.assert_close(probs.double(), r[f"probs_{which}"], rtol=1e-4, atol=1e-6)
 
 
-@given(scale_q=st.floats(1e-3, 1e3), scale_k=st.floats(1e-3, 1e3), seed=st.integers(0, 100),
-       layout=st.sampled_from(["half", "interleaved"]))
+@given(
+    scale_q=st.floats(1e-3, 1e3),
+    scale_k=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 100),
+    layout=st.sampled_from(["half", "interleaved"]),
+)
 def test_calibrated_temperature_is_invariant_to_scaling_q_or_k(scale_q, scale_k, seed, layout):
     cfg = PrismConfig(rope_layout=layout)
     q, k, _ = structured_qkv(1, 4, 2, 500, 700, 64, seed=seed)
     base = _scores(q, k, cfg)
     scaled = _scores(q * scale_q, k * scale_k, cfg)
     for which in ("high", "low"):
-        torch.testing.assert_close(getattr(scaled, f"div_{which}"), getattr(base, f"div_{which}"), rtol=1e-4, atol=0)
+        torch.testing.assert_close(
+            getattr(scaled, f"div_{which}"), getattr(base, f"div_{which}"), rtol=1e-4, atol=0
+        )
 
 
 def test_zero_inputs_give_finite_uniform_probabilities():

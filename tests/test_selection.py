@@ -2,10 +2,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from prism_flex import testing as ref
 from prism_flex.block_mask import compact_blocks
 from prism_flex.selection import combine_selection, top_p_select
-
-from prism_flex import testing as ref
 
 
 @st.composite
@@ -15,8 +14,9 @@ def dyadic_rows(draw, max_rows=6, max_cols=24):
     rows = draw(st.integers(1, max_rows))
     cols = draw(st.integers(1, max_cols))
     weights = draw(
-        st.lists(st.lists(st.integers(0, 8), min_size=cols, max_size=cols), min_size=rows,
-                 max_size=rows)
+        st.lists(
+            st.lists(st.integers(0, 8), min_size=cols, max_size=cols), min_size=rows, max_size=rows
+        )
     )
     w = torch.tensor(weights, dtype=torch.float64)
     w[:, 0] += 1  # every row has some mass
@@ -53,8 +53,9 @@ def test_top_p_is_column_order_independent():
     probs = torch.softmax(torch.randint(0, 4, (16, 33), generator=g).float(), dim=-1)
     perm = torch.randperm(33, generator=g)
     for threshold in (0.3, 0.8, 0.95):
-        assert torch.equal(top_p_select(probs, threshold)[:, perm],
-                           top_p_select(probs[:, perm], threshold))
+        assert torch.equal(
+            top_p_select(probs, threshold)[:, perm], top_p_select(probs[:, perm], threshold)
+        )
 
 
 def test_top_p_matches_sorted_prefix_for_distinct_values():
@@ -83,17 +84,24 @@ def test_combine_forces_sink_and_diagonal_within_causal_blocks():
     diagonal = torch.eye(3, dtype=torch.bool)
     none = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
     anything = torch.ones(1, 1, 3, 3, dtype=torch.bool)
-    assert torch.equal(combine_selection(anything, none, allowed, diagonal, False, False)[0, 0], allowed)
+    assert torch.equal(
+        combine_selection(anything, none, allowed, diagonal, False, False)[0, 0], allowed
+    )
     forced = combine_selection(none, none, allowed, diagonal, True, True)[0, 0]
     assert forced.tolist() == [[True, False, False], [True, True, False], [True, False, True]]
 
 
 @given(st.data())
 def test_compact_blocks_lists_true_columns_in_order(data):
-    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)),
-             data.draw(st.integers(1, 5)), data.draw(st.integers(1, 17)))
-    table = torch.rand(shape, generator=torch.Generator().manual_seed(
-        data.draw(st.integers(0, 10**6)))) < data.draw(st.floats(0.0, 1.0))
+    shape = (
+        data.draw(st.integers(1, 2)),
+        data.draw(st.integers(1, 3)),
+        data.draw(st.integers(1, 5)),
+        data.draw(st.integers(1, 17)),
+    )
+    table = torch.rand(
+        shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    ) < data.draw(st.floats(0.0, 1.0))
     num, idx = compact_blocks(table)
     assert num.dtype == idx.dtype == torch.int32
     assert idx.shape == table.shape and idx.is_contiguous()

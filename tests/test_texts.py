@@ -11,11 +11,17 @@ import zlib
 import pytest
 
 from prism_flex.data import texts
-from prism_flex.data.texts import (RFormatError, RVector, decompress_record, load_text,
-                                   read_lazyload_db, unserialize)
-
+from prism_flex.data.texts import (
+    RFormatError,
+    RVector,
+    decompress_record,
+    load_text,
+    read_lazyload_db,
+    unserialize,
+)
 
 # ---- hand-written R serialization (XDR) ---------------------------------------------------
+
 
 def i32(v):
     return struct.pack(">i", v)
@@ -28,7 +34,7 @@ def header(version=3):
     return h
 
 
-def charsxp(s, levels=0x40):           # 0x40 = ASCII, 0x08 = UTF-8, 0x04 = latin-1
+def charsxp(s, levels=0x40):  # 0x40 = ASCII, 0x08 = UTF-8, 0x04 = latin-1
     if s is None:
         return i32(9) + i32(-1)
     b = s.encode("latin-1" if levels & 0x04 else "utf-8")
@@ -58,7 +64,7 @@ NIL = i32(254)
 
 def names_attr(names, first_use=True):
     """Attribute pairlist ``names = c(...)``; the 'names' symbol is written once, then as REFSXP."""
-    sym = i32(1) + charsxp("names") if first_use else i32((1 << 8) | 255)   # REFSXP, index 1
+    sym = i32(1) + charsxp("names") if first_use else i32((1 << 8) | 255)  # REFSXP, index 1
     return i32(2 | (1 << 10)) + sym + strsxp(names) + NIL
 
 
@@ -69,14 +75,17 @@ def make_db(tmp_path, objects, compressed=1, gzip_rdx=True):
         if compressed == 1:
             rec = struct.pack(">I", len(payload)) + zlib.compress(payload)
         else:
-            rec = struct.pack(">I", len(payload)) + b"0" + payload     # type byte '0': stored
+            rec = struct.pack(">I", len(payload)) + b"0" + payload  # type byte '0': stored
         variables.append(intsxp([len(rdb), len(rec)]))
         rdb += rec
     index = header() + vecsxp(
-        [vecsxp(variables, names_attr(list(objects))),
-         vecsxp([], names_attr([], first_use=False)),
-         lglsxp([1]) if compressed == 1 else intsxp([compressed])],
-        names_attr(["variables", "references", "compressed"], first_use=False))
+        [
+            vecsxp(variables, names_attr(list(objects))),
+            vecsxp([], names_attr([], first_use=False)),
+            lglsxp([1]) if compressed == 1 else intsxp([compressed]),
+        ],
+        names_attr(["variables", "references", "compressed"], first_use=False),
+    )
     (tmp_path / "db.rdb").write_bytes(rdb)
     rdx = gzip.compress(index) if gzip_rdx else struct.pack(">I", len(index)) + zlib.compress(index)
     (tmp_path / "db.rdx").write_bytes(rdx)
@@ -85,10 +94,13 @@ def make_db(tmp_path, objects, compressed=1, gzip_rdx=True):
 
 # ---- tests ----------------------------------------------------------------------------------
 
+
 def test_unserialize_strsxp_with_na_and_names():
     for version in (2, 3):
-        obj = unserialize(header(version) + strsxp(["It is a truth", None, "universally £"],
-                                                   names_attr(["a", "b", "c"])))
+        obj = unserialize(
+            header(version)
+            + strsxp(["It is a truth", None, "universally £"], names_attr(["a", "b", "c"]))
+        )
         assert isinstance(obj, RVector) and obj.rtype == 16
         assert list(obj) == ["It is a truth", None, "universally £"]
         assert obj.names == ["a", "b", "c"]
@@ -96,12 +108,17 @@ def test_unserialize_strsxp_with_na_and_names():
 
 
 def test_unserialize_latin1_int_lgl_real():
-    obj = unserialize(header() + vecsxp([
-        i32(16) + i32(1) + charsxp("café", levels=0x04),
-        intsxp([3, -(2 ** 31)]),
-        lglsxp([1, 0, -(2 ** 31)]),
-        i32(14) + i32(2) + struct.pack(">2d", 1.5, -2.0),
-    ]))
+    obj = unserialize(
+        header()
+        + vecsxp(
+            [
+                i32(16) + i32(1) + charsxp("café", levels=0x04),
+                intsxp([3, -(2**31)]),
+                lglsxp([1, 0, -(2**31)]),
+                i32(14) + i32(2) + struct.pack(">2d", 1.5, -2.0),
+            ]
+        )
+    )
     assert list(obj[0]) == ["café"]
     assert list(obj[1]) == [3, None]
     assert list(obj[2]) == [True, False, None]
@@ -111,9 +128,12 @@ def test_unserialize_latin1_int_lgl_real():
 @pytest.mark.parametrize("compressed,gzip_rdx", [(1, True), (1, False), (2, True)])
 def test_read_lazyload_db(tmp_path, compressed, gzip_rdx):
     novel = ["CHAPTER I", "", None, "Emma Woodhouse, handsome, clever, and rich"]
-    rdb, rdx = make_db(tmp_path, {"emma": header() + strsxp(novel),
-                                  "tiny": header(2) + strsxp(["x"])},
-                       compressed=compressed, gzip_rdx=gzip_rdx)
+    rdb, rdx = make_db(
+        tmp_path,
+        {"emma": header() + strsxp(novel), "tiny": header(2) + strsxp(["x"])},
+        compressed=compressed,
+        gzip_rdx=gzip_rdx,
+    )
     db = read_lazyload_db(rdb, rdx)
     assert list(db) == ["emma", "tiny"]
     assert list(db["emma"]) == novel and list(db["tiny"]) == ["x"]
@@ -133,6 +153,7 @@ def test_novels_from_fake_deb_layout(tmp_path, monkeypatch):
 
     def fake_extract(deb, dest):
         import shutil
+
         shutil.copytree(tmp_path / "pkg", dest, dirs_exist_ok=True)
 
     monkeypatch.setattr(texts, "_extract_deb", fake_extract)
@@ -144,13 +165,15 @@ def test_novels_from_fake_deb_layout(tmp_path, monkeypatch):
     # Second call: served from the cache (the extractor must not be needed).
     monkeypatch.setattr(texts, "_extract_deb", None)
     assert load_text("austen:persuasion", cache) == "PERSUASION\n\nline two"
-    assert load_text("austen:all", cache).startswith("SENSESENSIBILITY\n\nline two\n\nPRIDEPREJUDICE")
+    assert load_text("austen:all", cache).startswith(
+        "SENSESENSIBILITY\n\nline two\n\nPRIDEPREJUDICE"
+    )
     with pytest.raises(ValueError, match="unknown Austen novel"):
         load_text("austen:dracula", cache)
 
 
 def test_unknown_sexp_type_is_a_clear_error():
-    env = header() + i32(4) + i32(0)                    # ENVSXP: not supported
+    env = header() + i32(4) + i32(0)  # ENVSXP: not supported
     with pytest.raises(RFormatError, match="unsupported R SEXP type 4"):
         unserialize(env)
     with pytest.raises(RFormatError, match="XDR"):

@@ -34,8 +34,14 @@ DENSE_NAME = register(DENSE, "prism_test_dense", compiled=False)
 SPARSE_NAME = register(SPARSE, "prism_test_sparse", compiled=False)
 
 COMMON = dict(
-    hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    num_hidden_layers=2, intermediate_size=256, vocab_size=256, max_position_embeddings=4096,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=256,
+    max_position_embeddings=4096,
 )
 
 
@@ -50,7 +56,8 @@ def _config(family):
 
 
 FAMILIES = [
-    f for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config"))
+    f
+    for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config"))
     if hasattr(transformers, cls)
 ]
 
@@ -71,8 +78,9 @@ def _prompt(length, batch=1, seed=0):
 def test_generate_matches_sdpa_at_threshold_one(family):
     prompt = _prompt(600)
     model = _model(family, "sdpa")
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0,
-                  attention_mask=torch.ones_like(prompt))
+    kwargs = dict(
+        max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt)
+    )
     with torch.no_grad():
         want = model.generate(prompt, **kwargs)
         model.set_attn_implementation(DENSE_NAME)
@@ -110,8 +118,7 @@ def test_padded_batch_raises():
     with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batches"):
         model(ids, attention_mask=mask)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                       pad_token_id=0)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     # A 4-D mask handed to the model directly reaches the attention function's own check.
     causal = torch.ones(40, 40, dtype=torch.bool).tril()
     padded = causal.expand(2, 1, 40, 40).clone()

@@ -33,15 +33,25 @@ SPARSE_PATH = register(
 )
 EXACT = register(
     PrismConfig(high_threshold=1.0, low_threshold=1.0, **NO_DENSE_FLOOR),
-    "prism_test_cache_exact", compiled=False,
+    "prism_test_cache_exact",
+    compiled=False,
 )
 
 COMMON = dict(
-    hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    num_hidden_layers=2, intermediate_size=256, vocab_size=256, max_position_embeddings=4096,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=256,
+    max_position_embeddings=4096,
 )
-FAMILIES = [f for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"))
-            if hasattr(transformers, cls)]
+FAMILIES = [
+    f
+    for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"))
+    if hasattr(transformers, cls)
+]
 # What the message must say: what is unsupported, and both ways out.
 MESSAGE = r"StaticCache.*cache_implementation='static'.*dynamic cache.*attn_implementation='sdpa'"
 
@@ -63,8 +73,7 @@ def _prompt(length, seed=0):
 def test_generate_static_cache_raises(family, name, length, with_mask):
     model = _model(family, name)
     prompt = _prompt(length)
-    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0,
-                  cache_implementation="static")
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     if with_mask:
         kwargs["attention_mask"] = torch.ones_like(prompt)
     with torch.no_grad(), pytest.raises(NotImplementedError, match=MESSAGE):
@@ -119,8 +128,7 @@ def test_dynamic_cache_generate_matches_sdpa(family):
     code (dense_below=0) and decoding, token for token equal to sdpa."""
     prompt = _prompt(100, seed=2)
     model = _model(family, "sdpa")
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0,
-                  cache_implementation="dynamic")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="dynamic")
     with torch.no_grad():
         want = model.generate(prompt, **kwargs)
         model.set_attn_implementation(EXACT)

@@ -37,8 +37,13 @@ LAYERS = 2
 def _model(attn):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_hidden_layers=LAYERS, intermediate_size=256, vocab_size=256,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=LAYERS,
+        intermediate_size=256,
+        vocab_size=256,
         max_position_embeddings=1024,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()

@@ -18,8 +18,9 @@ from prism_flex.viz import (
     plot_head_density,
 )
 
-CONFIG = PrismConfig(dense_below=0, sparse_min_flops=0, block_size=16,
-                     high_threshold=0.8, low_threshold=0.8)
+CONFIG = PrismConfig(
+    dense_below=0, sparse_min_flops=0, block_size=16, high_threshold=0.8, low_threshold=0.8
+)
 
 
 def _prism_mask(q_len=128, kv_len=128):
@@ -31,8 +32,9 @@ def _prism_mask(q_len=128, kv_len=128):
 
 def _shared_causal_mask(q_len=64, kv_len=96):
     offset = kv_len - q_len
-    return create_block_mask(lambda b, h, q, k: q + offset >= k, None, None, q_len, kv_len,
-                             device="cpu", BLOCK_SIZE=16)
+    return create_block_mask(
+        lambda b, h, q, k: q + offset >= k, None, None, q_len, kv_len, device="cpu", BLOCK_SIZE=16
+    )
 
 
 def test_table_is_the_dense_slice():
@@ -85,8 +87,10 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
 
 
 def test_not_imported_by_the_package():
-    code = ("import sys, prism_flex; "
-            "assert 'prism_flex.viz' not in sys.modules and 'matplotlib' not in sys.modules")
+    code = (
+        "import sys, prism_flex; "
+        "assert 'prism_flex.viz' not in sys.modules and 'matplotlib' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

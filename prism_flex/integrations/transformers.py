@@ -68,10 +68,6 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
-
-from ..attention import prism_attention
-from ..config import PrismConfig
-
 from transformers import AttentionInterface  # noqa: E402  (this module is the lazy boundary)
 from transformers.masking_utils import (  # noqa: E402
     AttentionMaskInterface,
@@ -79,6 +75,9 @@ from transformers.masking_utils import (  # noqa: E402
     sdpa_mask,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+from ..attention import prism_attention
+from ..config import PrismConfig
 
 __all__ = [
     "register",
@@ -174,9 +173,16 @@ def prism_mask(
     _check_kv_extent(q_length, kv_length, q_offset, kv_offset)
     if mask_function is not causal_mask_function or local_size is not None:
         return sdpa_mask(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-            local_size=local_size, allow_is_causal_skip=False, **kwargs,
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            allow_is_causal_skip=False,
+            **kwargs,
         )
     if attention_mask is None:
         return None
