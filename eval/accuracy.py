@@ -412,8 +412,25 @@ def mean_density(densities) -> float:
     return sum(densities) / len(densities) if densities else 1.0
 
 
+def _done(rows, task, L, method, thr) -> bool:
+    """Whether ``rows`` (loaded by ``--resume``) already hold this job's result."""
+    return any(
+        r["task"] == task and r["L"] == L and r["method"] == method and r["threshold"] == thr
+        for r in rows
+    )
+
+
+def _progress(task, L, i, jobs, method, thr) -> None:
+    log(f"{task} L={L}: job {i + 1}/{len(jobs)} ({method}, threshold {thr})")
+
+
 def run_ppl(args, model, ids, L, rows):
-    for method, thr in _jobs(args):
+    jobs = _jobs(args)
+    for i, (method, thr) in enumerate(jobs):
+        if _done(rows, "ppl", L, method, thr):
+            log(f"ppl L={L} {method} thr={thr}: already in {args.out}, skipped (--resume)")
+            continue
+        _progress("ppl", L, i, jobs, method, thr)
         t0 = time.time()
         with attention_method(model, method, thr, args) as densities:
             ppl = perplexity(model, ids)
@@ -446,7 +463,12 @@ def run_needle(args, model, tok, text, L, rows):
         for d, k in zip(args.depths, keys)
     ]
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-    for method, thr in _jobs(args):
+    jobs = _jobs(args)
+    for i, (method, thr) in enumerate(jobs):
+        if _done(rows, "needle", L, method, thr):
+            log(f"needle L={L} {method} thr={thr}: already in {args.out}, skipped (--resume)")
+            continue
+        _progress("needle", L, i, jobs, method, thr)
         t0 = time.time()
         correct, generated = [], []
         with attention_method(model, method, thr, args) as densities:
@@ -572,6 +594,12 @@ def main(argv=None):
         help="ppl: run the sparse attention uncompiled (O(L^2) memory; tests only)",
     )
     p.add_argument("--out", default="bench/results/accuracy_cpu.json")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --out and skip the ppl/needle jobs (and the recall task "
+        "of a length) they hold: a long run cut off by a time limit continues where it stopped",
+    )
     args = p.parse_args(argv)
     if args.layers is None and args.device == "cpu":
         args.layers = [0, 8, 16, 23]
@@ -584,11 +612,18 @@ def main(argv=None):
     text = load_text(args.text)
     all_ids = tok(text, return_tensors="pt").input_ids
     rows = []
+    if args.resume and os.path.isfile(args.out):
+        with open(args.out) as f:
+            rows = json.load(f)["rows"]
+        log(f"resuming: {len(rows)} rows from {args.out}")
     for L in args.lengths:
         if all_ids.shape[1] < L:
             raise SystemExit(f"text has only {all_ids.shape[1]} tokens < {L}")
         ids = all_ids[:, :L].to(args.device)
         for task, fn in (("recall", run_recall), ("ppl", run_ppl)):
+            if task == "recall" and any(r["task"] == "recall" and r["L"] == L for r in rows):
+                log(f"recall L={L}: already in {args.out}, skipped (--resume)")
+                continue
             if task in args.tasks:
                 fn(args, model, ids, L, rows)
                 # written after every task: partial results survive a crash or a time limit
