@@ -41,6 +41,7 @@ def compiled_problems(draw):
     return b, hq, hkv, lq, lkv, d, draw(st.integers(0, 999))
 
 
+@pytest.mark.slow
 @given(p=compiled_problems())
 def test_compiled_equals_eager(p):
     *shape, seed = p
@@ -94,6 +95,7 @@ def test_graph_capture_inputs_keep_their_static_dims():
 FIT = dataclasses.replace(CFG, output_error=0.1, fit_query_blocks=3, fit_tokens=16)
 
 
+@pytest.mark.slow
 @given(p=compiled_problems())
 def test_threshold_fit_compiled_equals_eager(p):
     """The fit on the compiled path: CPU runs its FlexAttention eagerly (the compiled CPU

@@ -194,6 +194,7 @@ def test_plain_fit_attention_equals_flex_attention_over_the_pieces(p):
     torch.testing.assert_close(lse[seen], aux.lse[seen], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fit_inside_a_user_compiled_model():
     """PrismAttention with the fit, traced by the user's torch.compile (our custom op), equals
     the eager path; on CPU the fit's attention inside the op is the plain-PyTorch one (eager

@@ -6,7 +6,6 @@ one shape class for every family, so the compiled stages compile once per query-
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -180,10 +179,7 @@ def test_prism_config_kwarg_overrides_registered_config():
     assert not torch.allclose(tight, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(
-    os.environ.get("PRISM_TEST_HF_COMPILED") != "1",
-    reason="compiles the Prism stages on CPU (~50 s cold); set PRISM_TEST_HF_COMPILED=1",
-)
+@pytest.mark.slow  # compiles the Prism stages on CPU (~50 s cold)
 def test_compiled_prism_through_the_model():
     """One forward through the default (compiled) path: one query-length class, one compile."""
     compiled_name = register(SPARSE, "prism_test_compiled")
