@@ -945,21 +945,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prism_config(fields: list[str], threshold: Optional[float] = None) -> prism_flex.PrismConfig:
     """A ``PrismConfig`` from ``FIELD=VALUE`` strings (values read as Python literals, e.g.
     ``final_block_pool=16``, ``calibrate=False``) and an optional threshold for both bands."""
-    import ast
-
-    kwargs = {}
-    for item in fields:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--config takes FIELD=VALUE, got {item!r}")
-        try:
-            kwargs[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[name] = value  # a bare string, e.g. rope_layout=interleaved
-    if threshold is not None:
-        kwargs.update(high_threshold=threshold, low_threshold=threshold)
+    both = {} if threshold is None else dict(high_threshold=threshold, low_threshold=threshold)
     try:
-        return prism_flex.PrismConfig(**kwargs)
+        return prism_flex.PrismConfig.from_fields(fields, **both)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--config: {e}") from e
 

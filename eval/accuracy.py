@@ -112,31 +112,11 @@ def load_model(name: str, device: str):
     return tok, model.to(device).eval()
 
 
-def config_from_fields(fields: list[str]) -> PrismConfig:
-    """A ``PrismConfig`` from ``FIELD=VALUE`` strings (values read as Python literals, e.g.
-    ``final_block_pool=16``; a value that is no literal is kept as a string)."""
-    import ast
-
-    kwargs = {}
-    for item in fields:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"expected FIELD=VALUE, got {item!r}")
-        try:
-            kwargs[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[name] = value
-    try:
-        return PrismConfig(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"PrismConfig: {e}") from e
-
-
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismConfig:
     if method == "prism_fit":
         # the library's threshold fit: the knob is 1 - output_error; fit: FIELD=VALUE overrides
         return dataclasses.replace(
-            config_from_fields(list(fit)), block_size=bs, output_error=round(1.0 - thr, 6)
+            PrismConfig.from_fields(list(fit)), block_size=bs, output_error=round(1.0 - thr, 6)
         )
     # "prism" is the paper's method: no extra final-block or local selection (the library
     # default has final_block_pool=16, local_blocks=1).

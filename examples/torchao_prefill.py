@@ -132,15 +132,7 @@ def run_variant(
 
 def prism_config(fields: list[str], threshold: float) -> PrismConfig:
     """``--config FIELD=VALUE ...`` (values read as Python literals) and ``--threshold``."""
-    import ast
-
-    kwargs = {}
-    for name, _, value in (f.partition("=") for f in fields):
-        try:
-            kwargs[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[name] = value  # a bare string, e.g. rope_layout=interleaved
-    return PrismConfig(**kwargs, high_threshold=threshold, low_threshold=threshold)
+    return PrismConfig.from_fields(fields, high_threshold=threshold, low_threshold=threshold)
 
 
 def main() -> None:

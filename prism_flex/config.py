@@ -242,6 +242,30 @@ class PrismConfig:
             return True
         return causal_attention_flops(batch, heads, q_len, kv_len, head_dim) < self.sparse_min_flops
 
+    @classmethod
+    def from_fields(cls, fields, **overrides) -> "PrismConfig":
+        """A config from command-line ``FIELD=VALUE`` strings, values read as Python literals
+        (``final_block_pool=16``, ``calibrate=False``; a value that is no literal stays a
+        string: ``rope_layout=interleaved``), then ``overrides``. Raises ``ValueError`` for
+        an item without ``=``, an unknown field or a bad value."""
+        import ast
+
+        kwargs = {}
+        for item in fields:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+            try:
+                kwargs[name] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[name] = value
+        kwargs.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown PrismConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**kwargs)
+
     def to_json(self) -> str:
         """The config as one JSON string (how it crosses the custom-op boundary)."""
         return self._json

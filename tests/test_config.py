@@ -98,3 +98,15 @@ def test_bad_head_dim(head_dim):
 def test_band_wider_than_head():
     with pytest.raises(ValueError, match="low_band_dims"):
         PrismConfig(low_band_dims=96).band_dims(64)
+
+
+def test_from_fields_reads_literals_and_strings():
+    cfg = PrismConfig.from_fields(
+        ["final_block_pool=32", "calibrate=False", "rope_layout=interleaved"], high_threshold=0.9
+    )
+    assert cfg == PrismConfig(
+        final_block_pool=32, calibrate=False, rope_layout="interleaved", high_threshold=0.9
+    )
+    for bad in (["block_size"], ["no_such_field=1"], ["block_size=7"]):
+        with pytest.raises(ValueError):
+            PrismConfig.from_fields(bad)
