@@ -15,98 +15,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from prism_flex import PrismConfig  # noqa: E402
 from prism_flex.integrations.transformers import register  # noqa: E402
 
-# Force Prism's selection path on these small inputs: no length floor and, where the config has
-# it, no FLOP floor (sparse_min_flops would otherwise route every call here to dense attention).
-NO_DENSE_FLOOR = dict(dense_below=0)
-if "sparse_min_flops" in PrismConfig.__dataclass_fields__:
-    NO_DENSE_FLOOR["sparse_min_flops"] = 0
+from .hf_models import NO_DENSE_FLOOR  # noqa: E402
+from .hf_models import tiny_model as _model  # noqa: E402
+from .hf_models import tiny_prompt as _prompt  # noqa: E402
+
 DENSE = PrismConfig(high_threshold=1.0, low_threshold=1.0, **NO_DENSE_FLOOR)
 SPARSE = PrismConfig(**NO_DENSE_FLOOR)  # default thresholds 0.95
 # Eager Prism (compiled=False): the adapter is what these tests check; compiling the stages on
 # CPU costs ~20-40 s per query-length class, and compiled == eager is tests/test_compiled.py's job.
 DENSE_NAME = register(DENSE, "prism_test_dense", compiled=False)
 SPARSE_NAME = register(SPARSE, "prism_test_sparse", compiled=False)
-
-COMMON = dict(
-    hidden_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    num_hidden_layers=2,
-    intermediate_size=256,
-    vocab_size=256,
-    max_position_embeddings=4096,
-)
-
-
-def _config(family):
-    if family == "llama":
-        return transformers.LlamaConfig(**COMMON)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**COMMON)
-    if family == "qwen3":
-        return transformers.Qwen3Config(**COMMON)
-    raise ValueError(family)
-
-
-FAMILIES = [
-    f
-    for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config"))
-    if hasattr(transformers, cls)
-]
-
-
-def _model(family, attn, seed=0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family), attn_implementation=attn)
-    return model.eval()
-
-
-def _prompt(length, batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Token 0 is the pad token of the tests: keep it out of prompts (generate would mask it).
-    return torch.randint(1, 256, (batch, length), generator=g)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_matches_sdpa_at_threshold_one(family):
-    prompt = _prompt(600)
-    model = _model(family, "sdpa")
-    kwargs = dict(
-        max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt)
-    )
-    with torch.no_grad():
-        want = model.generate(prompt, **kwargs)
-        model.set_attn_implementation(DENSE_NAME)
-        got = model.generate(prompt, **kwargs)
-    assert got.shape == (1, 608)
-    assert torch.equal(got, want)
-
-
-def _last_logits(model, ids, chunks):
-    cache = DynamicCache()
-    with torch.no_grad():
-        for part in torch.tensor_split(ids, chunks, dim=1):
-            out = model(part, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1]
-
-
-@pytest.mark.parametrize("name", [DENSE_NAME, SPARSE_NAME])
-def test_chunked_prefill(name):
-    ids = _prompt(640, seed=1)
-    model = _model("llama", name)
-    chunked = _last_logits(model, ids, [384])  # 384 + 256 tokens: a chunk continuing a cache
-    one_shot = _last_logits(model, ids, [])
-    assert torch.isfinite(chunked).all() and torch.isfinite(one_shot).all()
-    if name == DENSE_NAME:
-        torch.testing.assert_close(chunked, one_shot, rtol=1e-4, atol=1e-4)
-        model.set_attn_implementation("sdpa")
-        torch.testing.assert_close(one_shot, _last_logits(model, ids, []), rtol=1e-4, atol=1e-4)
 
 
 def test_padded_batch_raises():

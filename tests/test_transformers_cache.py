@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
 
 from prism_flex import PrismConfig  # noqa: E402
 from prism_flex.integrations.transformers import (  # noqa: E402
@@ -21,10 +21,10 @@ from prism_flex.integrations.transformers import (  # noqa: E402
     register,
 )
 
-# No length floor and, where the config has it, no FLOP floor: the selection path on tiny inputs.
-NO_DENSE_FLOOR = dict(dense_below=0)
-if "sparse_min_flops" in PrismConfig.__dataclass_fields__:
-    NO_DENSE_FLOOR["sparse_min_flops"] = 0
+from .hf_models import FAMILIES, NO_DENSE_FLOOR  # noqa: E402
+from .hf_models import tiny_model as _model  # noqa: E402
+from .hf_models import tiny_prompt as _prompt  # noqa: E402
+
 # The defaults: a 40-token prompt takes Prism's dense path.
 DENSE_PATH = register(PrismConfig(), "prism_test_cache_dense_path", compiled=False)
 # 16-token blocks and no floor: the sparse (selection) path on a 100-token prompt.
@@ -37,34 +37,8 @@ EXACT = register(
     compiled=False,
 )
 
-COMMON = dict(
-    hidden_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    num_hidden_layers=2,
-    intermediate_size=256,
-    vocab_size=256,
-    max_position_embeddings=4096,
-)
-FAMILIES = [
-    f
-    for f, cls in (("llama", "LlamaConfig"), ("qwen2", "Qwen2Config"))
-    if hasattr(transformers, cls)
-]
 # What the message must say: what is unsupported, and both ways out.
 MESSAGE = r"StaticCache.*cache_implementation='static'.*dynamic cache.*attn_implementation='sdpa'"
-
-
-def _model(family, attn):
-    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config(**COMMON), attn_implementation=attn).eval()
-
-
-def _prompt(length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 256, (1, length), generator=g)  # token 0 is the pad token
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,7 +11,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prism_flex import PrismConfig  # noqa: E402
 from prism_flex.integrations.transformers import (  # noqa: E402
@@ -19,6 +18,8 @@ from prism_flex.integrations.transformers import (  # noqa: E402
     record_density,
     register,
 )
+
+from .hf_models import tiny_model, tiny_prompt  # noqa: E402
 
 # Thresholds 0.8: at the default 0.95 a random model's 256-token prompt keeps every block.
 SPARSE = PrismConfig(
@@ -31,27 +32,15 @@ FLOORED = PrismConfig(block_size=16)  # default floors: a short prompt runs dens
 SPARSE_NAME = register(SPARSE, "prism_stats_sparse", compiled=False)
 ONE_NAME = register(THRESHOLD_ONE, "prism_stats_one", compiled=False)
 FLOORED_NAME = register(FLOORED, "prism_stats_floored", compiled=False)
-LAYERS = 2
+LAYERS = 2  # hf_models.COMMON
 
 
 def _model(attn):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_hidden_layers=LAYERS,
-        intermediate_size=256,
-        vocab_size=256,
-        max_position_embeddings=1024,
-    )
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    return tiny_model("llama", attn)
 
 
 def _prompt(length, batch=1):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(1, 256, (batch, length), generator=g)
+    return tiny_prompt(length, batch)
 
 
 def test_one_record_per_layer_per_forward():
