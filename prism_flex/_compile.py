@@ -194,7 +194,9 @@ class GraphedStage:
         self.stage = stage
         self.max_graphs = max_graphs
         self._graphs: collections.OrderedDict = collections.OrderedDict()
-        self._seen: set = set()
+        # Signatures seen once, most recent last; bounded like the graphs (a server sees a
+        # new prompt length at almost every call).
+        self._seen: collections.OrderedDict = collections.OrderedDict()
         self._pool = None
 
     def __call__(self, config: PrismConfig, *args):
@@ -206,7 +208,9 @@ class GraphedStage:
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen:
-                self._seen.add(key)
+                self._seen[key] = None
+                while len(self._seen) > 64 * self.max_graphs:
+                    self._seen.popitem(last=False)
                 return run_stage(self.stage, Mode.COMPILED, config, *args)
             entry = self._capture(config, args)
             self._graphs[key] = entry

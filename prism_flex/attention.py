@@ -30,6 +30,7 @@ __all__ = [
     "sparse_attention",
     "dense_causal_attention",
     "block_density",
+    "takes_dense_path",
     "MAX_HEADS",
 ]
 
@@ -193,15 +194,14 @@ def block_density(block_mask: BlockMask) -> Tensor:
         float32 ``(B, H)``.
     """
     q_len, kv_len = block_mask.seq_lengths
-    bs = block_mask.BLOCK_SIZE[0]
     nq = block_mask.kv_num_blocks.shape[-1]
-    rows = torch.arange(nq, device=block_mask.kv_num_blocks.device)
-    last = torch.clamp((rows + 1) * bs, max=q_len) - 1 + (kv_len - q_len)
-    visible = (last // bs + 1).sum()
+    visible = pipeline.visible_blocks(
+        q_len, kv_len, block_mask.BLOCK_SIZE[0], nq, block_mask.kv_num_blocks.device
+    )
     chosen = block_mask.kv_num_blocks.sum(-1)
     if block_mask.full_kv_num_blocks is not None:
         chosen = chosen + block_mask.full_kv_num_blocks.sum(-1)
-    return chosen.float() / visible.float()
+    return chosen.float() / visible
 
 
 def dense_causal_attention(
@@ -282,37 +282,46 @@ def prism_attention(
     """
     check_inputs(q, k, v)
     _check_config(config)
-    mode = Mode.at_entry(compiled)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if mode is not Mode.TRACED:
-            warnings.warn(
-                "prism_attention is inference only: inputs that require grad run dense "
-                "attention (exact, differentiable, no speed-up). For sparse prefill call the "
-                "model under torch.inference_mode() or torch.no_grad().",
-                stacklevel=2,
-            )
-        out = pipeline.dense_attention(q, k, v, scale, mode)
-        if return_density:
-            return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
-        return out
     config.band_dims(q.shape[-1])
-    if mode is not Mode.TRACED and config.runs_dense(q.shape, k.shape[2]):
-        # First and lean: below the cost where sparsity pays, the host time of anything
-        # else would show (a 4K prefill of a small model is bound by the host).
-        out = pipeline.dense_attention(q.detach(), k.detach(), v.detach(), scale, mode)
-        if return_density:
-            return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
-        return out
-    if mode is Mode.TRACED:
+    mode = Mode.at_entry(compiled)
+    if _needs_grad(q, k, v) and mode is not Mode.TRACED:
+        warnings.warn(
+            "prism_attention is inference only: inputs that require grad run dense "
+            "attention (exact, differentiable, no speed-up). For sparse prefill call the "
+            "model under torch.inference_mode() or torch.no_grad().",
+            stacklevel=2,
+        )
+    if mode is Mode.TRACED and not _needs_grad(q, k, v):
+        # The size rule is decided inside the op, on real sizes (no guard in the user's graph).
         out, density = _prism_op(q, k, v, config.to_json(), scale)
     else:
-        out, density = _forward(q.detach(), k.detach(), v.detach(), config, scale, mode)
+        out, density = _run(q, k, v, config, scale, mode)
     return (out, density) if return_density else out
+
+
+def takes_dense_path(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig) -> bool:
+    """Whether :func:`prism_attention` runs dense attention for these inputs (eager calls):
+    inputs that require grad with grad enabled, or a call too small for sparsity to pay
+    (:meth:`PrismConfig.runs_dense`). Host-side: no tensor is read."""
+    return _needs_grad(q, k, v) or config.runs_dense(q.shape, k.shape[2])
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _run(q, k, v, config, scale, mode) -> tuple[Tensor, Tensor]:
+    """``(out, density)``: dense attention (differentiable) where :func:`takes_dense_path`,
+    else the Prism pipeline on detached inputs."""
+    if takes_dense_path(q, k, v, config):
+        out = pipeline.dense_attention(q, k, v, scale, mode)
+        return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
+    return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode)
 
 
 @uniform_dispatch_keys
 @torch.no_grad()
-def _forward(q, k, v, config, scale, mode):
+def _sparse(q, k, v, config, scale, mode):
     return pipeline.prism_forward(q, k, v, config, scale, mode)
 
 
@@ -330,7 +339,7 @@ def _prism_op(
     q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float]
 ) -> tuple[Tensor, Tensor]:
     config = PrismConfig.from_json(config_json)
-    out, density = _forward(q, k, v, config, scale, Mode.COMPILED)
+    out, density = _run(q, k, v, config, scale, Mode.COMPILED)
     # Contiguous, as the fake below promises (flex_attention's output follows q's strides).
     return out.contiguous(), density
 

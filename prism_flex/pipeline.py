@@ -58,6 +58,7 @@ __all__ = [
     "sparse_attention",
     "dense_attention",
     "prism_forward",
+    "visible_blocks",
 ]
 
 #: Scores (batch x query heads x query blocks x key blocks) up to which the one-graph
@@ -144,8 +145,8 @@ def _all_tables(q, k, v, pooled, config, scale, mode) -> BlockTables:
             and q.device.type == "cuda"
             and batch * hq * nq * nk <= _GRAPH_MAX_SCORES
         ):
-            return _GRAPHED_SELECTION(config, *args)
-        return run_stage(score_and_select_tables, mode, config, *args)
+            return _marked(_GRAPHED_SELECTION(config, *args), mode)
+        return _marked(run_stage(score_and_select_tables, mode, config, *args), mode)
     scores = band_scores(pooled, config, mode)
     thresholds = _thresholds(q, k, v, scores, config, scale, mode)
     tables = [
@@ -157,7 +158,15 @@ def _all_tables(q, k, v, pooled, config, scale, mode) -> BlockTables:
         chunk = run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len, *thresholds)
         for dst, src in zip(tables, chunk):
             dst[:, :, start : start + n].copy_(src)
-    return BlockTables(*tables)
+    return _marked(BlockTables(*tables), mode)
+
+
+def _marked(tables: BlockTables, mode: Mode) -> BlockTables:
+    """Tables for our compiled flex_attention: ``(B, Hq, R[, Nk])``, only the head count a
+    constant (``lengths_only_dynamic``)."""
+    if mode is not Mode.COMPILED:
+        return tables
+    return BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
 
 
 def _thresholds(q, k, v, scores, config, scale, mode) -> Thresholds:
@@ -178,12 +187,7 @@ def block_tables(
     mode: Mode,
 ) -> BlockTables:
     """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
-    pooled = pool_inputs(q, k, config, mode)
-    tables = _all_tables(q, k, v, pooled, config, scale, mode)
-    if mode is Mode.COMPILED:
-        # (B, Hq, Nq) and (B, Hq, Nq, Nk): only the head count is a constant.
-        tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
-    return tables
+    return _all_tables(q, k, v, pool_inputs(q, k, config, mode), config, scale, mode)
 
 
 def table_block_mask(
@@ -272,24 +276,20 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bo
 def prism_forward(
     q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[float], mode: Mode
 ) -> tuple[Tensor, Tensor]:
-    """Prism attention of checked, detached inputs that need no grad.
+    """Prism attention (the sparse path) of checked, detached inputs that need no grad;
+    ``attention.py`` decides when to run dense instead.
 
     Returns:
         ``(out (B, Hq, Lq, D), density (B, Hq) float32)``.
     """
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
-    if config.runs_dense(q.shape, kv_len):
-        out = dense_attention(q, k, v, scale, mode)
-        return out, torch.ones((batch, hq), dtype=torch.float32, device=q.device)
     bs = config.block_size
     pooled = pool_inputs(q, k, config, mode)
     nq, nk = pooled.q_pool.shape[2], pooled.k_pool.shape[2]
     rows = chunk_rows(config, batch, hq, nk)
     if nq <= rows:
         tables = _all_tables(q, k, v, pooled, config, scale, mode)
-        if mode is Mode.COMPILED:
-            tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
         mask = table_block_mask(tables, q_len, kv_len, 0, config, q.device)
         out = sparse_attention(q, k, v, mask, scale, mode)
         return out, _density(tables.partial_num, tables.full_num, q_len, kv_len, bs)
@@ -300,11 +300,10 @@ def prism_forward(
     chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
     for start in range(0, nq, rows):
         n = min(rows, nq - start)
-        tables = run_stage(
-            select_tables, mode, config, scores, start, n, q_len, kv_len, *thresholds
+        tables = _marked(
+            run_stage(select_tables, mode, config, scores, start, n, q_len, kv_len, *thresholds),
+            mode,
         )
-        if mode is Mode.COMPILED:
-            tables = BlockTables(*lengths_only_dynamic(*tables, head_dim=False))
         first, last = start * bs, min((start + n) * bs, q_len)
         mask = table_block_mask(tables, q_len, kv_len, first, config, q.device)
         # A contiguous copy of the chunk: a view would show the compiled kernel a new
@@ -312,11 +311,12 @@ def prism_forward(
         q_chunk = q[:, :, first:last].contiguous()
         out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
         chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
-    return out, chosen / _visible_blocks(q_len, kv_len, bs, nq, q.device)
+    return out, chosen / visible_blocks(q_len, kv_len, bs, nq, q.device)
 
 
-def _visible_blocks(q_len: int, kv_len: int, bs: int, nq: int, device) -> Tensor:
-    """Number of causally visible (query block, key block) pairs, a float32 scalar."""
+def visible_blocks(q_len: int, kv_len: int, bs: int, nq: int, device) -> Tensor:
+    """Number of causally visible (query block, key block) pairs of a ``(q_len, kv_len)``
+    call with ``nq`` query blocks, a float32 scalar (the denominator of every density)."""
     rows = torch.arange(nq, device=device)
     last = torch.clamp((rows + 1) * bs, max=q_len) - 1 + (kv_len - q_len)
     return (last // bs + 1).sum().float()
@@ -324,7 +324,7 @@ def _visible_blocks(q_len: int, kv_len: int, bs: int, nq: int, device) -> Tensor
 
 def _density(partial_num: Tensor, full_num: Tensor, q_len, kv_len, bs) -> Tensor:
     chosen = (partial_num.sum(-1) + full_num.sum(-1)).float()
-    return chosen / _visible_blocks(q_len, kv_len, bs, partial_num.shape[-1], partial_num.device)
+    return chosen / visible_blocks(q_len, kv_len, bs, partial_num.shape[-1], partial_num.device)
 
 
 def _fit_thresholds(q, k, v, scores, config, scale, mode) -> Tensor:

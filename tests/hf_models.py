@@ -11,8 +11,6 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from prism_flex import PrismConfig
-
 #: The selection path on tiny inputs: no length floor and no FLOP floor.
 NO_DENSE_FLOOR = dict(dense_below=0, sparse_min_flops=0)
 
@@ -45,6 +43,3 @@ def tiny_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     (generate would mask it)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 256, (batch, length), generator=g)
-
-
-assert set(PrismConfig.__dataclass_fields__) >= set(NO_DENSE_FLOOR)

@@ -111,10 +111,9 @@ def test_inputs_that_require_grad_under_no_grad_run_sparse():
 
 
 def test_config_crosses_the_custom_op_boundary_whole():
-    """The custom op takes the config as its JSON form: every field round-trips (a field
-    dropped there would be silently ignored under compile)."""
-    import dataclasses
-
+    """The custom op takes the config as its JSON form: non-default values of several kinds
+    (float, int, str, None-able) round-trip (a value lost there would be silently ignored
+    under compile)."""
     cfg = PrismConfig(
         high_threshold=0.87,
         local_blocks=2,
@@ -124,7 +123,6 @@ def test_config_crosses_the_custom_op_boundary_whole():
         high_band_dims=8,
     )
     assert PrismConfig.from_json(cfg.to_json()) == cfg
-    assert set(dataclasses.asdict(cfg)) == {f.name for f in dataclasses.fields(PrismConfig)}
 
 
 @pytest.mark.parametrize(

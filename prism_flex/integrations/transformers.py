@@ -76,7 +76,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from ..attention import prism_attention
+from ..attention import prism_attention, takes_dense_path
 from ..config import PrismConfig
 
 __all__ = [
@@ -306,7 +306,7 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
             out, density = prism_attention(
                 query, key, value, cfg, scale=scaling, return_density=True, compiled=compiled
             )
-            dense, density = _ran_dense(cfg, query, key, value), density.detach()
+            dense, density = takes_dense_path(query, key, value, cfg), density.detach()
             for recorder in recorders:
                 recorder._add(module, query.shape[2], key.shape[2], density, dense)
         return out.transpose(1, 2).contiguous(), None
@@ -426,14 +426,3 @@ def _active_recorders() -> list[DensityRecorder]:
     if torch.compiler.is_compiling():
         return []
     return _RECORDERS
-
-
-def _ran_dense(config: PrismConfig, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether :func:`prism_flex.prism_attention` took its dense path for these inputs (eager).
-
-    The same two host-side tests it makes: inputs that require grad, or a call below the
-    config's size floor. No tensor is read.
-    """
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return True
-    return config.runs_dense(q.shape, k.shape[2])
