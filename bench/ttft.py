@@ -72,6 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download",
     )
+    p.add_argument(
+        "--arch",
+        default=None,
+        choices=sorted(ARCHS),
+        help="random weights in a real model's architecture (no download; random ids): "
+        "timing without shipping the weights, density not representative",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="a folder: one torch.profiler trace summary per (method, length), after the timing",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
@@ -89,9 +101,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: Architectures of real models (their published config.json values), for ``--arch``.
+ARCHS = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
+
+
 def model_label(args) -> str:
     if args.random_tiny:
         return "random-tiny-qwen2"
+    if args.arch:
+        return f"random-{args.arch}"
     return Path(args.model_path).name if args.model_path else args.model
 
 
@@ -116,6 +147,16 @@ def load_model(args, device: torch.device):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
         return model.to(device).eval(), None
+    if args.arch:
+        from transformers import AutoConfig
+
+        fields = dict(ARCHS[args.arch])
+        cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        cfg.max_position_embeddings = max(args.lengths)
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        return model.eval(), None
     if args.model_path:
         path = Path(args.model_path).expanduser()
     else:
@@ -200,18 +241,24 @@ def forward(model, ids):
     return model(input_ids=ids, logits_to_keep=1, use_cache=True)
 
 
-def time_call(model, ids, device) -> float:
-    """Milliseconds of one forward: CUDA events on GPU (device time), perf_counter on CPU."""
+def time_call(model, ids, device) -> tuple[float, float]:
+    """``(ms, host ms)`` of one forward. ``ms``: CUDA events on GPU (device time),
+    perf_counter on CPU. ``host ms``: wall time until the forward returns, before any
+    synchronisation: when it is close to ``ms`` the forward is bound by the host (Python and
+    launches), not by the GPU."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         forward(model, ids)
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    t0 = time.perf_counter()
     forward(model, ids)
+    host = (time.perf_counter() - t0) * 1e3
     end.record()
     end.synchronize()
-    return start.elapsed_time(end)
+    return start.elapsed_time(end), host
 
 
 def measure(model, ids, method, args, device) -> dict:
@@ -226,12 +273,14 @@ def measure(model, ids, method, args, device) -> dict:
         forward(model, ids)
     sync(device)
     g1 = graphs()
-    times = [time_call(model, ids, device) for _ in range(args.reps)]
+    timed = [time_call(model, ids, device) for _ in range(args.reps)]
+    times = [t for t, _ in timed]
     row = dict(
         status="ok",
         median_ms=statistics.median(times),
         min_ms=min(times),
         times_ms=times,
+        host_ms=statistics.median(h for _, h in timed),
         first_call_ms=first,
         graphs_warmup=g1 - g0,
         graphs_timed=graphs() - g1,
@@ -242,7 +291,25 @@ def measure(model, ids, method, args, device) -> dict:
         forward(model, ids)
         model.set_attn_implementation(PRISM_NAME)
         row["density"] = sum(DENSITIES) / len(DENSITIES)
+    if args.profile:
+        profile(model, ids, method, args, device)
     return row
+
+
+def profile(model, ids, method, args, device) -> None:
+    """One profiled forward: the operators and kernels by device time, to ``--profile``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        forward(model, ids)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    (folder / f"profile_{method}_{ids.shape[-1]}.txt").write_text(text)
 
 
 def run_row(model, ids, method, args, device) -> dict:
@@ -314,14 +381,15 @@ def fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| model | method | L | median ms | min ms | vs cudnn | vs flash | density "
-        "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 12 + "|"
+        "| model | method | L | median ms | min ms | host ms | vs cudnn | vs flash | density "
+        "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 13 + "|"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['L']} | {fmt(r.get('median_ms'), '.2f')} "
-            f"| {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('speedup_vs_sdpa_cudnn'), '.2f')} "
+            f"| {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('host_ms'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_sdpa_cudnn'), '.2f')} "
             f"| {fmt(r.get('speedup_vs_sdpa_flash'), '.2f')} | {fmt(r.get('density'), '.3f')} "
             f"| {fmt(r.get('first_call_ms') and r['first_call_ms'] / 1e3, '.2f')} "
             f"| {fmt(r.get('graphs_warmup'), 'd')} | {fmt(r.get('graphs_timed'), 'd')} "
