@@ -14,10 +14,13 @@ prefill. Methods:
 On CPU the backend pins are skipped (plain sdpa) and ``time.perf_counter`` times the calls; on
 CUDA, CUDA events. Each (method, length) row makes one first call (wall time including any
 compile: ``first_call_ms``), ``--warmup`` more untimed calls, then ``--reps`` timed calls
-(median and min reported). ``graphs_warmup`` / ``graphs_timed`` count the graphs dynamo
-compiled (``counters["stats"]["unique_graphs"]``) before and during the timed calls: a
-non-zero ``graphs_timed`` means the timing includes a compile. ``density`` (prism only): mean
-over layers and heads of the selected / causally visible blocks, from one extra untimed forward
+(median and min reported), interleaved across methods (A, B, C, A, B, C, ...) so that a drift
+of the machine's speed falls on all of them; ``host_ms`` is the median wall time until the
+forward returned, before synchronising (close to ``median_ms``: the forward is host-bound).
+``graphs_warmup`` / ``graphs_timed`` count the graphs dynamo compiled
+(``counters["stats"]["unique_graphs"]``) before and during the timed calls: a non-zero
+``graphs_timed`` means the timing includes a compile. ``density`` (prism only): mean over
+layers and heads of the selected / causally visible blocks, from one extra untimed forward
 through a density-recording copy of the attention (``--no-density`` skips it).
 
 Input ids (the ``input`` field of the JSON meta): the first L tokens of ``--text`` (default
@@ -261,39 +264,74 @@ def time_call(model, ids, device) -> tuple[float, float]:
     return start.elapsed_time(end), host
 
 
-def measure(model, ids, method, args, device) -> dict:
-    """First call, warm-up, timed reps (and the density forward) of one (method, length)."""
+def use(model, method: str) -> None:
+    model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
+
+
+def warm(model, ids, method, args, device) -> dict:
+    """First call (wall time, compiles included) and ``--warmup`` untimed calls of one
+    (method, length); an OOM (or a backend that refuses the shape) is recorded, not raised."""
+    use(model, method)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     g0 = graphs()
-    sync(device)
-    t0 = time.perf_counter()
-    forward(model, ids)
-    sync(device)
-    first = (time.perf_counter() - t0) * 1e3
-    for _ in range(args.warmup):
-        forward(model, ids)
-    sync(device)
-    g1 = graphs()
-    timed = [time_call(model, ids, device) for _ in range(args.reps)]
-    times = [t for t, _ in timed]
-    row = dict(
-        status="ok",
-        median_ms=statistics.median(times),
-        min_ms=min(times),
-        times_ms=times,
-        host_ms=statistics.median(h for _, h in timed),
-        first_call_ms=first,
-        graphs_warmup=g1 - g0,
-        graphs_timed=graphs() - g1,
-    )
-    if method == "prism" and not args.no_density:
-        DENSITIES.clear()
-        model.set_attn_implementation(DENSITY_NAME)
-        forward(model, ids)
-        model.set_attn_implementation(PRISM_NAME)
-        row["density"] = sum(DENSITIES) / len(DENSITIES)
-    if args.profile:
-        profile(model, ids, method, args, device)
+    try:
+        with torch.inference_mode(), backend_context(method, device):
+            sync(device)
+            t0 = time.perf_counter()
+            forward(model, ids)
+            sync(device)
+            first = (time.perf_counter() - t0) * 1e3
+            for _ in range(args.warmup):
+                forward(model, ids)
+            sync(device)
+        row = dict(status="ok", first_call_ms=first, graphs_warmup=graphs() - g0, graphs_timed=0)
+    except torch.OutOfMemoryError:
+        row = dict(status="oom")
+    except RuntimeError as e:  # e.g. "No available kernel" for a pinned backend
+        row = dict(status="error", error=str(e).splitlines()[0][:300])
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
+
+
+def measure_length(model, ids, methods, args, device) -> dict[str, dict]:
+    """Rows of every method at one length. The timed calls are interleaved (method A, B, C,
+    A, B, C, ...), so that a drift of the host's or the GPU's speed during the run falls on
+    every method alike: short prefills are bound by the host (``host_ms``), whose speed
+    varies between and during runs."""
+    rows = {m: warm(model, ids, m, args, device) for m in methods}
+    ok = [m for m in methods if rows[m]["status"] == "ok"]
+    timed: dict[str, list] = {m: [] for m in ok}
+    for _ in range(args.reps):
+        for m in ok:
+            use(model, m)
+            g0 = graphs()
+            with torch.inference_mode(), backend_context(m, device):
+                timed[m].append(time_call(model, ids, device))
+            rows[m]["graphs_timed"] += graphs() - g0
+    for m in ok:
+        times = [t for t, _ in timed[m]]
+        rows[m].update(
+            median_ms=statistics.median(times),
+            min_ms=min(times),
+            times_ms=times,
+            host_ms=statistics.median(h for _, h in timed[m]),
+        )
+        if m == "prism" and not args.no_density:
+            DENSITIES.clear()
+            model.set_attn_implementation(DENSITY_NAME)
+            with torch.inference_mode():
+                forward(model, ids)
+            rows[m]["density"] = sum(DENSITIES) / len(DENSITIES)
+        if args.profile:
+            use(model, m)
+            with torch.inference_mode(), backend_context(m, device):
+                profile(model, ids, m, args, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def profile(model, ids, method, args, device) -> None:
@@ -310,25 +348,6 @@ def profile(model, ids, method, args, device) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
     (folder / f"profile_{method}_{ids.shape[-1]}.txt").write_text(text)
-
-
-def run_row(model, ids, method, args, device) -> dict:
-    """One row; an OOM (or a backend that refuses the shape) is recorded, not raised."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with torch.inference_mode(), backend_context(method, device):
-            row = measure(model, ids, method, args, device)
-    except torch.OutOfMemoryError:
-        row = dict(status="oom")
-    except RuntimeError as e:  # e.g. "No available kernel" for a pinned backend
-        row = dict(status="error", error=str(e).splitlines()[0][:300])
-    if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -418,14 +437,13 @@ def main(argv=None) -> dict:
     # One sequence of the longest length; each length takes its first L tokens.
     ids, desc = token_ids(tok, model.config.vocab_size, max(args.lengths), args)
     name, rows, info = model_label(args), [], meta(args, device, desc)
-    for method in args.methods:
-        model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
-        for i, length in enumerate(args.lengths):
-            row = dict(model=name, method=method, L=length, cold=i == 0)
-            row.update(run_row(model, ids[None, :length].to(device), method, args, device))
+    for i, length in enumerate(args.lengths):
+        found = measure_length(model, ids[None, :length].to(device), args.methods, args, device)
+        for method in args.methods:
+            row = dict(model=name, method=method, L=length, cold=i == 0, **found[method])
             rows.append(row)
             log(f"{method} L={length}: {row['status']} {fmt(row.get('median_ms'), '.2f')} ms")
-            write(out, info, rows, old)
+        write(out, info, rows, old)
     add_speedups(rows)
     print(table(rows))
     for method in args.methods:  # recompiles after the first length: the dynamic-shape check
