@@ -313,10 +313,26 @@ def _select_row_tables(
 
 def _position_mask_mod(block_start: Tensor, block_size: int):
     """Causal ``mask_mod`` of query blocks that start at global positions ``block_start``
-    (int32 ``(R,)``), local query ``q_idx`` against global key ``kv_idx``."""
+    (int32 ``(R,)``), local query ``q_idx`` against global key ``kv_idx``: right on every
+    pair (the mask of :func:`context_parallel_prism_block_mask`, and eager FlexAttention,
+    which evaluates it everywhere)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return block_start[q_idx // block_size] + q_idx % block_size >= kv_idx
+
+    return mask_mod
+
+
+def _diagonal_mask_mod(block_size: int):
+    """Causal ``mask_mod`` that is right on the diagonal blocks only, where query block g
+    meets key block g (``Lq == Lkv``, block-aligned shards): the position inside the block
+    decides. Compiled FlexAttention evaluates ``mask_mod`` only on the partial blocks, which
+    are exactly those. Why not :func:`_position_mask_mod` there: its table lookup made the
+    CPU C++ template of FlexAttention fail to compile (torch 2.13, "cur_qSplitSize2 was not
+    declared")."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx % block_size >= kv_idx % block_size
 
     return mask_mod
 
@@ -357,11 +373,16 @@ def _tables(scores, rows, config, seq_len, mode) -> BlockTables:
     return tables
 
 
-def _block_mask(tables: BlockTables, block_start: Tensor, q_len: int, kv_len: int, bs: int):
+def _block_mask(tables: BlockTables, block_start, q_len: int, kv_len: int, bs: int):
+    """``block_start`` ``None``: :func:`_diagonal_mask_mod` (for compiled FlexAttention)."""
+    if block_start is None:
+        mask_mod = _diagonal_mask_mod(bs)
+    else:
+        mask_mod = _position_mask_mod(block_start, bs)
     return BlockMask.from_kv_blocks(
         *tables,
         BLOCK_SIZE=bs,
-        mask_mod=_position_mask_mod(block_start, bs),
+        mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),
         compute_q_blocks=False,
     )
@@ -471,7 +492,8 @@ def _attend(q, k, v, config, plan: _Plan, group, scale, compiled, density: bool)
         end = min(start + rows, count)
         tables = _tables(scores, plan.rows[start:end], config, seq_len, mode)
         first, last = start * bs, min(end * bs, local_len)
-        mask = _block_mask(tables, plan.block_start[start:end], last - first, seq_len, bs)
+        starts = plan.block_start[start:end] if mode is Mode.EAGER else None
+        mask = _block_mask(tables, starts, last - first, seq_len, bs)
         q_chunk = q[:, :, first:last].contiguous()
         out[:, :, first:last] = pipeline.sparse_attention(q_chunk, keys, values, mask, scale, mode)
         chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
