@@ -26,14 +26,18 @@ stay sharded.
 
 Load balancing: a causal mask gives late query blocks more keys than early ones, so
 ``"contiguous"`` shards (rank r holds the r-th 1/W of the sequence) do unequal work.
-``"head_tail"`` (the default; PyTorch's ``_HeadTailLoadBalancer`` order) cuts the sequence
-into 2W chunks and gives rank r chunks r and 2W-1-r. With Prism's sparse masks the work per
-query block is not the causal triangle's, and head-tail still evens it: see
-``docs/design.md`` (measured on synthetic inputs, ``bench/cp_balance.py``).
+``"head_tail"`` (PyTorch's ``_HeadTailLoadBalancer`` order) cuts the sequence into 2W chunks
+and gives rank r chunks r and 2W-1-r, which evens the causal triangle exactly, but Prism's
+work per query block is not the triangle's (its selected blocks grow unevenly along the
+sequence). ``"round_robin"`` (the default) deals the blocks out one by one, block i to rank
+i mod W: on synthetic inputs at 32K-128K tokens the busiest rank did 1.01-1.26x the mean work,
+against 1.05-1.48x for head-tail and 1.49-2.30x for contiguous (``docs/design.md``,
+``bench/cp_balance.py``).
 
-Lengths: chunks are whole blocks of ``block_size`` tokens (so every pooled block lies on one
-rank); a length that is not a multiple of ``2W x block_size`` gets chunks that differ by one
-block, and the last block may be short. A sequence needs at least one block per chunk.
+Lengths: shards are whole blocks of ``block_size`` tokens (so every pooled block lies on one
+rank); a length that is not a multiple of ``W x block_size`` (head-tail: ``2W x
+block_size``) gives ranks that differ by one block, and the last block may be short. A
+sequence needs at least one block per rank (head-tail: per chunk).
 """
 
 from __future__ import annotations
@@ -65,12 +69,14 @@ __all__ = [
     "context_parallel_prism_block_mask",
 ]
 
-#: How a sequence is cut across ranks: ``"head_tail"`` (2W chunks, rank r holds chunks r and
-#: 2W-1-r) or ``"contiguous"`` (W chunks, rank r holds chunk r).
-LOAD_BALANCERS = ("head_tail", "contiguous")
+#: How a sequence is cut across ranks: ``"round_robin"`` (block i on rank i mod W),
+#: ``"head_tail"`` (2W chunks, rank r holds chunks r and 2W-1-r) or ``"contiguous"`` (W
+#: chunks, rank r holds chunk r).
+LOAD_BALANCERS = ("round_robin", "head_tail", "contiguous")
 
-#: The default: it evens the work of Prism's causal sparse masks (docs/design.md).
-DEFAULT_LOAD_BALANCER = "head_tail"
+#: The default: of the three it evens the work of Prism's causal sparse masks best
+#: (docs/design.md, ``bench/cp_balance.py``).
+DEFAULT_LOAD_BALANCER = "round_robin"
 
 _DEFAULT_CONFIG = PrismConfig()
 
@@ -113,13 +119,16 @@ def shard_layout(
 ) -> ShardLayout:
     """The :class:`ShardLayout` of a ``seq_len``-token sequence over ``world_size`` ranks.
 
-    The ``ceil(seq_len / block_size)`` blocks are cut into ``world_size`` (contiguous) or
-    ``2 * world_size`` (head-tail) chunks of consecutive blocks, as equal as possible (the
-    first chunks take one block more); with ``seq_len`` a multiple of ``2 * world_size *
-    block_size`` every rank holds the same number of tokens, in PyTorch's head-tail order.
+    Round-robin: block i of the ``ceil(seq_len / block_size)`` blocks goes to rank
+    ``i % world_size``. Contiguous and head-tail: the blocks are cut into ``world_size``
+    (contiguous) or ``2 * world_size`` (head-tail) chunks of consecutive blocks, as equal as
+    possible (the first chunks take one block more); with ``seq_len`` a multiple of ``2 *
+    world_size * block_size`` every rank holds the same number of tokens, in PyTorch's
+    head-tail order (``_HeadTailLoadBalancer``).
 
     Raises:
-        ValueError: an unknown balancer, or fewer blocks than chunks.
+        ValueError: an unknown balancer, or fewer blocks than ranks (head-tail: than 2 x
+        ranks).
     """
     if load_balancer not in LOAD_BALANCERS:
         raise ValueError(f"load_balancer must be one of {LOAD_BALANCERS}, got {load_balancer!r}")
@@ -128,13 +137,22 @@ def shard_layout(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     blocks = -(-seq_len // block_size)
-    chunks = world_size if load_balancer == "contiguous" else 2 * world_size
+    chunks = 2 * world_size if load_balancer == "head_tail" else world_size
     if blocks < chunks:
         raise ValueError(
             f"{seq_len} tokens are {blocks} blocks of {block_size}; {load_balancer!r} sharding "
-            f"over {world_size} ranks cuts them into {chunks} chunks of whole blocks and needs "
-            f"at least {chunks} blocks ({chunks * block_size} tokens, or fewer ranks)"
+            f"over {world_size} ranks deals whole blocks and needs at least {chunks} blocks "
+            f"({(chunks - 1) * block_size + 1} tokens, or fewer ranks)"
         )
+    if load_balancer == "round_robin":
+        runs = tuple(
+            _merged(
+                (b * block_size, min((b + 1) * block_size, seq_len))
+                for b in range(r, blocks, world_size)
+            )
+            for r in range(world_size)
+        )
+        return ShardLayout(seq_len, block_size, runs)
     bounds = [0]
     for i in range(chunks):
         bounds.append(bounds[-1] + blocks // chunks + (i < blocks % chunks))
@@ -142,8 +160,19 @@ def shard_layout(
     if load_balancer == "contiguous":
         runs = tuple((tokens[r],) for r in range(world_size))
     else:
-        runs = tuple((tokens[r], tokens[chunks - 1 - r]) for r in range(world_size))
+        runs = tuple(_merged((tokens[r], tokens[chunks - 1 - r])) for r in range(world_size))
     return ShardLayout(seq_len, block_size, runs)
+
+
+def _merged(runs) -> tuple[tuple[int, int], ...]:
+    """Runs with adjacent ones joined (one rank: a single run)."""
+    out: list[tuple[int, int]] = []
+    for start, end in runs:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return tuple(out)
 
 
 def shard_sequence(

@@ -105,39 +105,46 @@ def _cp_eager(rank, world):
 
 def _cp_errors(rank, world):
     q, k, v = structured_qkv(1, 4, 2, 512, 512, 32, seed=0, block_size=BS)
-    # Shards of another balancer: every rank raises the same error (no hang).
-    mine = [
-        shard_sequence(t, rank, world, load_balancer="contiguous", block_size=BS)[
-            :, :, : 200 + 8 * rank
-        ]
-        for t in (q, k, v)
-    ]
-    with pytest.raises(ValueError, match="not the 'head_tail' sharding"):
-        context_parallel_prism_attention(*mine, SPARSE, compiled=False)
+    # Shards of another length split: every rank raises the same error (no hang).
+    mine = [t[:, :, : 200 + 8 * rank] for t in (q, k, v)]
+    for balancer in LOAD_BALANCERS:
+        with pytest.raises(ValueError, match=f"not the '{balancer}' sharding"):
+            context_parallel_prism_attention(*mine, SPARSE, load_balancer=balancer, compiled=False)
     tiny = [t[:, :, :BS] for t in (q, k, v)]  # 2 blocks in all: fewer than 2W chunks
     with pytest.raises(ValueError, match="needs at least 4 blocks"):
-        context_parallel_prism_attention(*tiny, SPARSE, compiled=False)
+        context_parallel_prism_attention(*tiny, SPARSE, load_balancer="head_tail", compiled=False)
     with pytest.raises(NotImplementedError, match="inference only"):
         context_parallel_prism_attention(q.requires_grad_(), k, v, SPARSE, compiled=False)
 
 
 def test_layout():
     layout = shard_layout(1024, 2, "head_tail", 128)
-    assert layout.runs == (((0, 256), (768, 1024)), ((256, 512), (512, 768)))
+    assert layout.runs == (((0, 256), (768, 1024)), ((256, 768),))
     assert shard_layout(1024, 2, "contiguous", 128).runs == (((0, 512),), ((512, 1024),))
     # 1000 tokens: 8 blocks, the last one short.
     odd = shard_layout(1000, 2, "head_tail", 128)
-    assert odd.runs == (((0, 256), (768, 1000)), ((256, 512), (512, 768)))
+    assert odd.runs == (((0, 256), (768, 1000)), ((256, 768),))
     assert [odd.local_len(r) for r in range(2)] == [488, 512]
     assert odd.block_rows(0) == [0, 1, 6, 7]
     # 9 blocks over 4 chunks: 3, 2, 2, 2
     assert shard_layout(1100, 2, "head_tail", 128).runs[0] == ((0, 384), (896, 1100))
     with pytest.raises(ValueError, match="needs at least 4 blocks"):
         shard_layout(384, 2, "head_tail", 128)
+    rr = shard_layout(1000, 3, "round_robin", 128)
+    assert rr.runs == (
+        ((0, 128), (384, 512), (768, 896)),
+        ((128, 256), (512, 640), (896, 1000)),
+        ((256, 384), (640, 768)),
+    )
+    assert shard_layout(1000, 1, "round_robin", 128).runs == (((0, 1000),),)
+    with pytest.raises(ValueError, match="needs at least 3 blocks"):
+        shard_layout(256, 3, "round_robin", 128)
     with pytest.raises(ValueError, match="load_balancer"):
         shard_layout(1024, 2, "zigzag", 128)
     x = torch.arange(1000)
-    parts = [shard_sequence(x, r, 2, block_size=128, dim=0) for r in range(2)]
+    parts = [
+        shard_sequence(x, r, 2, load_balancer="head_tail", block_size=128, dim=0) for r in range(2)
+    ]
     assert sorted(torch.cat(parts).tolist()) == list(range(1000))
     assert parts[1].tolist() == list(range(256, 768))
 
