@@ -182,3 +182,34 @@ def _cp_compiled(rank, world):
 @pytest.mark.slow
 def test_context_parallel_compiled():
     spawn(_cp_compiled, 2, timeout=600)
+
+
+def _bench_smoke(rank, world, out):
+    from bench import parallel
+
+    parallel.main(
+        ["--device", "cpu", "--lengths", "1024", "--heads", "4", "--kv-heads", "2"]
+        + ["--head-dim", "32", "--dtype", "float32", "--eager", "--reps", "1", "--single", "both"]
+        + ["--config", "dense_below=0", "sparse_min_flops=0", "block_size=64", "--out", out]
+    )
+
+
+def test_bench_parallel_smoke(tmp_path):
+    """bench/parallel.py (the multi-GPU benchmark) runs on 2 gloo ranks at a tiny size."""
+    import json
+
+    out = tmp_path / "cp.json"
+    spawn(_bench_smoke, 2, str(out))
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    rows = {(r["row"], r.get("balancer")): r for r in result["rows"]}
+    assert set(rows) == {
+        ("single_prism", None),
+        ("single_dense", None),
+        ("cp_prism", "round_robin"),
+        ("cp_dense", "round_robin"),
+        ("cp_prism", "head_tail"),
+        ("cp_dense", "head_tail"),
+    }
+    assert rows["cp_prism", "round_robin"]["density"] == rows["single_prism", None]["density"]
+    assert rows["cp_dense", "head_tail"]["density"] == 1.0
