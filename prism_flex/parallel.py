@@ -42,6 +42,7 @@ sequence needs at least one block per rank (head-tail: per chunk).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,6 +112,7 @@ class ShardLayout(NamedTuple):
         return [p for start, end in self.runs[rank] for p in range(start, end)]
 
 
+@functools.lru_cache(maxsize=64)
 def shard_layout(
     seq_len: int,
     world_size: int,

@@ -107,3 +107,27 @@ def test_tensor_parallel_transformers(tmp_path):
         tiny_model(family, "sdpa").save_pretrained(path)
         paths[family] = str(path)
     spawn(_tp_rank, 2, paths)
+
+
+def _bench_smoke(rank, world, path, out):
+    from bench import tp_prefill
+
+    tp_prefill.main(
+        ["--model-path", path, "--lengths", "256", "--reps", "1", "--eager", "--dtype"]
+        + ["float32", "--config", "dense_below=0", "sparse_min_flops=0", "block_size=16"]
+        + ["high_threshold=0.5", "low_threshold=0.5"]
+        + ["--out", out]
+    )
+
+
+def test_bench_tp_prefill_smoke(tmp_path):
+    """bench/tp_prefill.py (the multi-GPU TP benchmark) runs on 2 gloo ranks, tiny model."""
+    import json
+
+    path, out = tmp_path / "llama", tmp_path / "tp.json"
+    tiny_model("llama", "sdpa").save_pretrained(path)
+    spawn(_bench_smoke, 2, str(path), str(out))
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    assert [(r["method"], r["length"]) for r in result["rows"]] == [("sdpa", 256), ("prism", 256)]
+    assert 0 < result["rows"][1]["density"] < 1
