@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask
 
-from . import fit
+from . import documents, fit
 from ._compile import (
     GraphedStage,
     Mode,
@@ -185,8 +185,27 @@ def block_tables(
     config: PrismConfig,
     scale: Optional[float],
     mode: Mode,
+    segments: Optional[documents.Segments] = None,
 ) -> BlockTables:
     """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
+    if segments is not None:
+        layout, scores = _document_scores(q, k, config, segments, mode)
+        nq = layout.q_lo.shape[1]
+        return _marked(
+            run_stage(
+                documents.select_document_tables,
+                mode,
+                config,
+                scores,
+                layout,
+                0,
+                nq,
+                q.shape[2],
+                k.shape[2],
+                *Thresholds.of(config),
+            ),
+            mode,
+        )
     return _all_tables(q, k, v, pool_inputs(q, k, config, mode), config, scale, mode)
 
 
@@ -197,12 +216,25 @@ def table_block_mask(
     query_offset: int,
     config: PrismConfig,
     device: torch.device,
+    segments: Optional[documents.Segments] = None,
 ) -> BlockMask:
     """The ``BlockMask`` of tables whose first query block starts at query token
-    ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call."""
+    ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call; with
+    ``segments``, its ``mask_mod`` is the document/padding token rule."""
     offset = kv_len - q_len + query_offset
     rows = tables.partial_num.shape[-1]
     chunk_len = min(q_len - query_offset, rows * config.block_size)
+    if segments is not None:
+        if offset != 0:
+            offset = torch.full((), offset, dtype=torch.int32, device=device)
+        ids = documents.padded_ids(segments, config.block_size)
+        return BlockMask.from_kv_blocks(
+            *tables,
+            BLOCK_SIZE=config.block_size,
+            mask_mod=documents.document_mask_mod(ids, offset),
+            seq_lengths=(chunk_len, kv_len),
+            compute_q_blocks=False,
+        )
     if offset != 0:
         # A tensor, not an int: as an int, a compiled flex_attention would bake the value in
         # (one recompilation per value) or, traced in the user's graph with dynamic shapes,
@@ -251,8 +283,30 @@ _DENSE_BACKENDS = [
 ]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], mode: Mode) -> Tensor:
-    """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V)."""
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: Optional[float],
+    mode: Mode,
+    segments: Optional[documents.Segments] = None,
+) -> Tensor:
+    """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V); with
+    ``segments``, SDPA with the token rule as a boolean ``(B, 1, Lq, Lkv)`` mask (O(B * Lq *
+    Lkv) bytes: the dense path serves short calls and decoding steps) and padded query rows
+    set to 0."""
+    if segments is not None:
+        mask, q_real = documents.dense_document_mask(segments, q.shape[2])
+        if mode is Mode.TRACED:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        else:
+            with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+                )
+        return torch.where(q_real, out, out.new_zeros(()))
     if mode is Mode.TRACED:
         # Traced in a user's graph (e.g. training, where the dense path is differentiable):
         # no backend preference (a host-side setting), and enable_gqa=True whatever the head
@@ -274,7 +328,13 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bo
 
 
 def prism_forward(
-    q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[float], mode: Mode
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: PrismConfig,
+    scale: Optional[float],
+    mode: Mode,
+    segments: Optional[documents.Segments] = None,
 ) -> tuple[Tensor, Tensor]:
     """Prism attention (the sparse path) of checked, detached inputs that need no grad;
     ``attention.py`` decides when to run dense instead.
@@ -282,6 +342,8 @@ def prism_forward(
     Returns:
         ``(out (B, Hq, Lq, D), density (B, Hq) float32)``.
     """
+    if segments is not None:
+        return _document_forward(q, k, v, config, scale, mode, segments)
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
     bs = config.block_size
@@ -402,3 +464,87 @@ def _fit_samples(
     torch._dynamo.mark_static(pos, 0)
     torch._dynamo.mark_static(pos, 1)
     return rows, pos
+
+
+def _document_scores(q, k, config, segments, mode):
+    """Layout and scores of a documents call (``documents.py``): the pooling and the layout
+    eagerly, the scoring as a stage; ``final_block_pool``'s rows in chunks of documents (at
+    most ``config.max_score_elements`` fine scores at once)."""
+    num_docs = documents.count_documents(segments)
+    layout = documents.doc_layout(segments, q.shape[2], config.block_size, num_docs)
+    pooled = documents.pool_documents(q, k, segments, layout, config)
+    scores = run_stage(
+        documents.score_documents,
+        mode,
+        config,
+        pooled.q_pool,
+        pooled.k_pool,
+        layout.q_doc,
+        layout.k_doc,
+        num_docs,
+        config.high_temperature,
+        config.low_temperature,
+    )
+    if pooled.q_fine is not None:
+        batch, hq, slots, g = pooled.q_fine.shape[:4]
+        nk = pooled.k_pool.shape[2]
+        step = max(1, config.max_score_elements // (batch * hq * g * pooled.k_fine.shape[2]))
+        parts = [
+            run_stage(
+                documents.fine_document_probs,
+                mode,
+                config,
+                pooled.q_fine[:, :, a : a + step],
+                pooled.q_fine_hi[:, a : a + step],
+                pooled.k_fine,
+                pooled.k_fine_lo,
+                pooled.k_fine_hi,
+                layout.doc_start[:, a : a + step],
+                nk,
+            )
+            for a in range(0, slots, step)
+        ]
+        scores = scores._replace(fine=torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+    return layout, scores
+
+
+def _document_forward(q, k, v, config, scale, mode, segments):
+    """:func:`prism_forward` with documents/padding (``documents.py``); queries in chunks
+    of query blocks as without."""
+    if config.output_error is not None:
+        raise NotImplementedError(
+            "PrismConfig.output_error (the threshold fit) does not support padding or packed "
+            "documents yet: set output_error=None (fixed thresholds) for these calls"
+        )
+    batch, hq, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    bs = config.block_size
+    layout, scores = _document_scores(q, k, config, segments, mode)
+    nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
+    rows = chunk_rows(config, batch, hq, nk)
+    thresholds = Thresholds.of(config)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows):
+        n = min(rows, nq - start)
+        tables = _marked(
+            run_stage(
+                documents.select_document_tables,
+                mode,
+                config,
+                scores,
+                layout,
+                start,
+                n,
+                q_len,
+                kv_len,
+                *thresholds,
+            ),
+            mode,
+        )
+        first, last = start * bs, min((start + n) * bs, q_len)
+        mask = table_block_mask(tables, q_len, kv_len, first, config, q.device, segments)
+        q_chunk = q if n == nq else q[:, :, first:last].contiguous()
+        out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
+        chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
+    return out, chosen / documents.visible_document_blocks(layout, bs)
