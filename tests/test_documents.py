@@ -318,3 +318,21 @@ def test_compiled_equals_eager():
     ids2 = torch.searchsorted(cu[1:], torch.arange(length), right=True)[None]
     b = prism_block_mask(q, k, CFG, compiled=False, document_ids=ids2).to_dense()
     assert torch.equal(a, b)
+
+
+def test_module_takes_padding_and_documents():
+    """PrismAttention forwards the three arguments (the default config sends this small call
+    to the dense path: no compile on CPU)."""
+    from prism_flex import PrismAttention
+
+    q, k, v = _small()
+    attn = PrismAttention(PrismConfig(block_size=BS))
+    kpm = torch.ones(1, 40, dtype=torch.bool)
+    kpm[0, :7] = False
+    cu = torch.tensor([0, 25, 40])
+    ids = torch.searchsorted(cu[1:], torch.arange(40), right=True)[None]
+    want = _dense_with_rule(q, k, v, torch.where(kpm, ids, -1)).float()
+    torch.testing.assert_close(attn(q, k, v, key_padding_mask=kpm, cu_seqlens=cu), want)
+    torch.testing.assert_close(attn(q, k, v, key_padding_mask=kpm, document_ids=ids), want)
+    with pytest.raises(NotImplementedError, match="key_padding_mask="):
+        attn(q, k, v, attn_mask=kpm)
