@@ -340,6 +340,12 @@ def prism_attention(
     _check_config(config)
     config.band_dims(q.shape[-1])
     segments = _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled)
+    return attention_with_segments(q, k, v, config, scale, return_density, compiled, segments)
+
+
+def attention_with_segments(q, k, v, config, scale, return_density, compiled, segments):
+    """:func:`prism_attention` of checked inputs with padding/documents already in their
+    internal form (``None``: none), e.g. made once per forward by an integration."""
     if segments is not None and config.output_error is not None:
         raise NotImplementedError(_FIT_DOCUMENTS_ERROR)
     mode = Mode.at_entry(compiled)
@@ -348,7 +354,7 @@ def prism_attention(
             "prism_attention is inference only: inputs that require grad run dense "
             "attention (exact, differentiable, no speed-up). For sparse prefill call the "
             "model under torch.inference_mode() or torch.no_grad().",
-            stacklevel=2,
+            stacklevel=3,
         )
     if mode is Mode.TRACED and not _needs_grad(q, k, v):
         # The size rule is decided inside the op, on real sizes (no guard in the user's graph).
