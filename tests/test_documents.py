@@ -336,3 +336,24 @@ def test_module_takes_padding_and_documents():
     torch.testing.assert_close(attn(q, k, v, key_padding_mask=kpm, document_ids=ids), want)
     with pytest.raises(NotImplementedError, match="key_padding_mask="):
         attn(q, k, v, attn_mask=kpm)
+
+
+@pytest.mark.slow
+def test_traced_in_a_user_compile_equals_eager_and_asserts():
+    """Inside a user's torch.compile (fullgraph) the documents call is one custom op; value
+    checks become run-time asserts."""
+    ids = torch.tensor([[-1] * 20 + [0] * 70 + [1] * 100 + [2] * 50 + [-1] * 16])
+    length = ids.shape[1]
+    q, k, v = structured_qkv(1, 4, 2, length, length, 32, seed=5, block_size=BS)
+    kpm, doc = ids >= 0, ids.clamp_min(0)
+
+    def f(q, k, v, m, d):
+        return prism_attention(q, k, v, CFG, key_padding_mask=m, document_ids=d)
+
+    compiled = torch.compile(f, fullgraph=True)
+    want = prism_attention(q, k, v, CFG, compiled=False, key_padding_mask=kpm, document_ids=doc)
+    torch.testing.assert_close(compiled(q, k, v, kpm, doc), want, atol=1e-5, rtol=1e-5)
+    bad = doc.clone()
+    bad[0, 30:40] = 2
+    with pytest.raises(RuntimeError, match="contiguous run"):
+        compiled(q, k, v, kpm, bad)
