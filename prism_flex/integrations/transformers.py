@@ -24,10 +24,11 @@ It uses transformers' public extension points only (no patched classes):
   ``(B, 1, Lq, Lkv)`` tensor, which at long context would cost more than Prism saves); for a
   padded batch (the 2-D ``attention_mask``) or packed sequences (``position_ids`` restarting
   at 0, no cache: transformers then composes a packed-sequence mask function, recognised by
-  its structure) it returns int32 ``(B, Lkv)`` per-key document ids, ``-1`` for padding
+  its structure) it returns int32 ``(B, 1, 1, Lkv)`` per-key document ids, ``-1`` for padding
   (``prism_flex.documents.Segments.ids``), once per forward, which every layer's attention
   then honours (no block crosses a boundary, padded query rows output zeros); it raises
-  :class:`NotImplementedError` for a cache whose keys outnumber the tokens seen.
+  :class:`NotImplementedError` only for a sliding-window or custom mask on a cache whose keys
+  outnumber the tokens seen (a StaticCache not yet full: otherwise handled, see below).
   transformers (5.x, ``masking_utils.create_causal_mask``) calls it with ``q_length``,
   ``kv_length``, ``q_offset`` (the cache's ``get_query_offset()``: tokens cached before this
   forward) and ``kv_offset`` (both from the cache's ``get_mask_sizes``), the 2-D
@@ -48,10 +49,12 @@ cache (prefill, chunked prefill continuing a cache, greedy/sampled decoding), pa
 run dense SDPA with the same mask) and packed sequences (``position_ids`` restarting per
 document, ``use_cache=False``). Not supported (raises :class:`NotImplementedError`):
 sliding-window layers (the error names the layer and its type), 4-D or custom masks other
-than plain causal, ``StaticCache`` / ``cache_implementation="static"`` (any
-cache whose key/value tensors are longer than the tokens seen so far: Prism aligns causality
-bottom-right, so the unwritten slots would be attended as the newest keys; checked in prefill
-and decode, eager and under ``torch.compile``, where it is a run-time ``torch._assert_async``),
+than plain causal on the sparse path (the dense path, i.e. SDPA, applies any 4-D mask), and
+the sparse path inside ``torch.compile`` on a cache whose key/value tensors are longer than
+the tokens seen so far (``StaticCache`` / ``cache_implementation="static"``: the written
+length is a traced value there; a run-time ``torch._assert_async``). Eagerly such a cache
+works (prefill and decoding: the mask function hands the attention the written keys only,
+so bottom-right causality is exact), and so do compiled decoding steps on the dense path.
 attention dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
 
 How sparse a forward was: run it inside :func:`record_density`::
@@ -109,12 +112,14 @@ PADDING_ERROR = (
 )
 
 STATIC_CACHE_ERROR = (
-    "prism attention does not support a KV cache whose key/value tensors are longer than the "
-    "tokens written so far (StaticCache, cache_implementation='static', or any pre-allocated "
-    "cache): Prism applies the plain causal mask aligned bottom-right, so the unwritten cache "
-    "slots would be attended as the newest keys. Workaround: use the default dynamic cache "
-    "(drop cache_implementation='static' from generate / its generation_config, or pass a "
-    "DynamicCache instead of a StaticCache), or use attn_implementation='sdpa'."
+    "prism attention cannot run its sparse path inside torch.compile on a KV cache whose "
+    "key/value tensors are longer than the tokens written so far (StaticCache, "
+    "cache_implementation='static', or any pre-allocated cache): the number of written tokens "
+    "is a traced value there, and Prism aligns causality bottom-right over the keys it is "
+    "given. Eager forwards (prefill and decoding) and compiled decoding steps on the dense "
+    "path work. Workaround: run the prefill eagerly (generate compiles only decoding steps), "
+    "pass disable_compile=True to generate, use the default dynamic cache (drop "
+    "cache_implementation='static'), or use attn_implementation='sdpa'."
 )
 
 
@@ -172,18 +177,53 @@ def prism_mask(
     here: one O(B * Lkv) reduction per forward (one host sync in eager mode, to keep the plain
     path for unpadded batches) instead of a per-layer look at a 4-D mask.
 
-    First, whatever the mask: raises ``NotImplementedError`` unless the keys end where the
-    queries end, ``kv_offset + kv_length == q_offset + q_length`` (see :func:`_check_kv_extent`;
-    a StaticCache hands ``kv_length = max_cache_len`` with fewer tokens written).
+    First, a cache whose keys outnumber the tokens seen (a StaticCache not yet full:
+    ``kv_offset + kv_length > q_offset + q_length``, see :func:`_written_keys`): in eager
+    mode the result is the int32 ids of the *written* keys only (the attention function
+    drops the unwritten K/V slots, and the queries are then the last of its keys, so
+    bottom-right causality is exact); while traced by ``torch.compile`` the exact mask is
+    materialised (the dense path, e.g. decoding steps, applies it with SDPA; the sparse path
+    refuses it with a run-time assert); with a sliding-window or custom mask it raises.
 
     Returns ``None`` (plain bottom-right causal, which Prism applies itself) when the mask
-    function is the plain causal one and no key is padded; int32 ``(B, Lkv)`` document ids
+    function is the plain causal one and no key is padded; int32 ``(B, 1, 1, Lkv)`` document ids
     (``-1``: padding) for padded keys (one document per row) or for packed sequences
     (:func:`_packed_sequence_ids`). Any other mask (sliding window, custom ``or``/``and``
     masks) is materialised as transformers' SDPA boolean mask, which the attention function
     then checks (and rejects unless it is plain causal).
     """
-    _check_kv_extent(q_length, kv_length, q_offset, kv_offset)
+    written = _written_keys(q_length, kv_length, q_offset, kv_offset)
+    plain = mask_function is causal_mask_function and local_size is None
+    if written is not None:
+        # A StaticCache not full yet: keys past `written` are unwritten slots.
+        if isinstance(written, Tensor):
+            # Traced (torch.compile): the exact mask, materialised; decoding steps (the dense
+            # path) honour it with SDPA, the sparse path refuses it (a run-time assert).
+            if plain:
+                return sdpa_mask(
+                    batch_size=batch_size,
+                    q_length=q_length,
+                    kv_length=kv_length,
+                    q_offset=q_offset,
+                    kv_offset=kv_offset,
+                    mask_function=mask_function,
+                    attention_mask=attention_mask,
+                    allow_is_causal_skip=False,
+                    **{k: v for k, v in kwargs.items() if k != "allow_is_causal_skip"},
+                )
+        elif plain and kv_offset == 0:
+            # Eager: the ids of the written keys only; the attention drops the rest of K/V,
+            # and the queries are then the last of the keys it sees (bottom-right, exact).
+            keys = torch.ones((batch_size, written), dtype=torch.bool)
+            if attention_mask is not None:
+                keys = _covering(attention_mask[:, :written].bool(), written)
+            keys = keys.to(kwargs.get("device") or getattr(attention_mask, "device", "cpu"))
+            return _document_ids(torch.where(keys, 0, -1).to(torch.int32), batch_size, written)
+        else:
+            raise NotImplementedError(
+                f"{STATIC_CACHE_ERROR} (This forward: {kv_offset + kv_length} key positions, "
+                f"{written} tokens seen, with a sliding-window or custom mask.)"
+            )
     packed = _packed_sequence_ids(mask_function)
     if packed is not None and local_size is None and attention_mask is None:
         # Packed sequences (position_ids restarting, no cache): the documents themselves.
@@ -206,20 +246,31 @@ def prism_mask(
         return None
     # The keys of this forward are positions kv_offset .. kv_offset + kv_length - 1 of the 2-D
     # mask; positions the mask does not cover (StaticCache slots not written yet) are masked.
-    keys = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
-    if keys.shape[-1] != kv_length:
-        # Keys the 2-D mask does not cover (StaticCache slots not written yet) are padding.
-        keys = torch.nn.functional.pad(keys, (0, kv_length - keys.shape[-1]))
+    keys = _covering(attention_mask[:, kv_offset : kv_offset + kv_length].bool(), kv_length)
     if not torch.compiler.is_compiling() and bool(keys.all()):
         return None  # no padding: the plain causal path (one host sync per forward)
     # One document per row, -1 for padding (prism_flex.documents.Segments.ids).
     return _document_ids(torch.where(keys, 0, -1).to(torch.int32), batch_size, kv_length)
 
 
+def _covering(keys: Tensor, length: int) -> Tensor:
+    """``keys`` (bool ``(B, n)``) extended to ``length`` columns; keys the 2-D mask does not
+    cover are padding."""
+    if keys.shape[-1] == length:
+        return keys
+    return torch.nn.functional.pad(keys, (0, length - keys.shape[-1]))
+
+
 def _document_ids(ids: Tensor, batch_size: int, kv_length: int) -> Tensor:
     """The mask handed to the attention function for padding/documents: int32
-    ``(B, Lkv)``, each key's document ordinal in its row, -1 for padding."""
-    return ids.expand(batch_size, kv_length).contiguous()
+    ``(B, 1, 1, Lkv)``, each key's document ordinal in its row, -1 for padding.
+
+    Why 4-D: ``generate`` with a compileable cache builds the mask once
+    (``create_masks_for_generate``) and hands it back to the model's forward as
+    ``attention_mask``; transformers passes a 4-D mask through as already prepared, but
+    would read a 2-D one as a 0/1 padding mask. Int32 tells it from a user's 4-D mask (bool
+    or additive float: SDPA takes no integer mask)."""
+    return ids.expand(batch_size, kv_length).contiguous()[:, None, None, :]
 
 
 def _closure_vars(fn) -> dict:
@@ -264,8 +315,9 @@ def _packed_sequence_ids(mask_function) -> Optional[Tensor]:
     return ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
 
 
-def _check_kv_extent(q_length, kv_length, q_offset, kv_offset) -> None:
-    """Raise unless the last key of this forward is the last query's own position.
+def _written_keys(q_length, kv_length, q_offset, kv_offset):
+    """``None`` when the last key of this forward is the last query's own position, else the
+    number of keys written so far (an int; a 0-d tensor while traced).
 
     transformers sizes the mask from the cache: the keys are positions ``kv_offset ..
     kv_offset + kv_length - 1`` and the queries ``q_offset .. q_offset + q_length - 1``, where
@@ -275,25 +327,44 @@ def _check_kv_extent(q_length, kv_length, q_offset, kv_offset) -> None:
     satisfies it; a ``StaticLayer`` reports ``kv_length = max_cache_len`` and breaks it until
     every slot is written. StaticLayer's ``q_offset`` is a 0-d tensor (its
     ``cumulative_length``): read once per forward in eager mode (one host sync, only for such
-    caches), asserted at run time under ``torch.compile``.
+    caches); while traced it stays a tensor (the mask is then materialised).
     """
     seen = q_offset + q_length
     end = kv_offset + kv_length
     if isinstance(seen, Tensor):
         if torch.compiler.is_compiling():
-            # No data-dependent branching in a traced graph: assert at run time instead.
-            torch._assert_async(seen == end, STATIC_CACHE_ERROR)
-            return
+            return seen
         seen = int(seen)
-    if seen != end:
+    if seen == end:
+        return None
+    if seen > end:
         raise NotImplementedError(
-            f"{STATIC_CACHE_ERROR} (This forward: {end} key positions, {seen} tokens seen.)"
+            f"prism attention: {seen} tokens seen but only {end} key positions in this forward"
         )
+    return seen
+
+
+def _is_4d(mask) -> bool:
+    return isinstance(mask, Tensor) and mask.dim() == 4
+
+
+def _dense_with_mask(query, key, value, mask, scale):
+    """SDPA with a model's 4-D mask (boolean or additive), native GQA."""
+    gqa = True if torch.compiler.is_compiling() else query.shape[1] != key.shape[1]
+    mask = mask[:, :, :, : key.shape[2]]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
 
 
 def _is_document_ids(mask) -> bool:
     """Whether the model's mask is the padding/document ids :func:`prism_mask` returns."""
-    return isinstance(mask, Tensor) and mask.dim() == 2 and mask.dtype == torch.int32
+    return (
+        isinstance(mask, Tensor)
+        and mask.dim() == 4
+        and mask.dtype == torch.int32
+        and mask.shape[1] == mask.shape[2] == 1
+    )
 
 
 def _sliding_window_error(module, window) -> str:
@@ -342,7 +413,8 @@ def _check_mask(mask, q_len: int, kv_len: int) -> None:
     want = torch.stack([want, torch.ones_like(want)])  # (2, Lkv): first and last row
     ok = torch.where(want, visible, blocked).all()
     if torch.compiler.is_compiling():
-        torch._assert_async(ok, PADDING_ERROR)
+        # Traced, a StaticCache's unwritten slots arrive here too (prism_mask materialises them).
+        torch._assert_async(ok, f"{PADDING_ERROR} With a StaticCache: {STATIC_CACHE_ERROR}")
         return
     if not bool(ok):
         raise NotImplementedError(PADDING_ERROR)
@@ -382,13 +454,31 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         segments = None
         if _is_document_ids(attention_mask):
             # Padding / packed documents, from prism_mask (one tensor per forward).
-            if tuple(attention_mask.shape) != (query.shape[0], key.shape[2]):
+            attention_mask = attention_mask[:, 0, 0]
+            written = attention_mask.shape[1]
+            if attention_mask.shape[0] != query.shape[0] or not (
+                query.shape[2] <= written <= key.shape[2]
+            ):
                 raise NotImplementedError(
                     f"prism attention: the padding/document mask has shape "
-                    f"{tuple(attention_mask.shape)}, expected (batch, kv_len) = "
-                    f"{(query.shape[0], key.shape[2])}"
+                    f"{tuple(attention_mask.shape)}, expected (batch, written keys) with "
+                    f"batch {query.shape[0]} and {query.shape[2]} <= written <= {key.shape[2]}"
                 )
+            if written < key.shape[2]:
+                # A StaticCache: only the written keys (prism_mask, eager).
+                key = key[:, :, : attention_mask.shape[1]]
+                value = value[:, :, : attention_mask.shape[1]]
             segments = Segments(attention_mask, None, True)
+        elif _is_4d(attention_mask) and takes_dense_path(query, key, value, cfg):
+            # The dense path is SDPA: any mask is exact there (a compiled StaticCache decode
+            # step, a user's 4-D mask).
+            check_inputs(query, key, value)
+            out = _dense_with_mask(query, key, value, attention_mask, scaling)
+            if recorders := _active_recorders():
+                ones = torch.ones(query.shape[:2], device=query.device)
+                for recorder in recorders:
+                    recorder._add(module, query.shape[2], key.shape[2], ones, True)
+            return out.transpose(1, 2).contiguous(), None
         else:
             _check_mask(attention_mask, query.shape[2], key.shape[2])
         check_inputs(query, key, value)
