@@ -330,14 +330,21 @@ def _prev_real_id(ids: Tensor, real: Tensor) -> Tensor:
 
 def _masked_pool(x: Tensor, weight: Tensor, size: int) -> Tensor:
     """Mean of each run of ``size`` tokens of ``x`` ``(B, H, L, D)`` over the tokens where
-    ``weight`` (bool ``(B, L)``) is True; 0 for a run with none. Float32 ``(B, H, N, D)``."""
-    b, h, length, d = x.shape
+    ``weight`` (bool ``(B, L)``) is True; 0 for a run with none. Float32 ``(B, H, N, D)``.
+
+    One copy of ``x`` in its own dtype with the padded tokens zeroed (exact), reduced as
+    ``scoring.pool_blocks`` reduces (float32 sums of the full runs' view, the tail on its
+    own), then divided by the real counts: without padding, bit for bit ``pool_blocks``."""
+    b, _, length, _ = x.shape
     n = (length + size - 1) // size
-    w = F.pad(weight, (0, n * size - length)).view(b, 1, n, size).to(x.dtype)
-    xs = F.pad(x, (0, 0, 0, n * size - length)).view(b, h, n, size, d)
-    sums = torch.einsum("bhnsd,bhns->bhnd", xs.float(), w.float().expand(b, h, n, size))
-    count = w.float().sum(-1)[..., None]
-    return sums / count.clamp_min(1)
+    xm = x * weight[:, None, :, None].to(x.dtype)
+    full = length // size
+    sums = xm[:, :, : full * size].unflatten(2, (full, size)).sum(3, dtype=torch.float32)
+    if length > full * size:
+        tail = xm[:, :, full * size :].sum(2, keepdim=True, dtype=torch.float32)
+        sums = torch.cat([sums, tail], dim=2)
+    count = F.pad(weight.int(), (0, n * size - length)).view(b, n, size).sum(-1)
+    return sums / count.clamp_min(1)[:, None, :, None].to(torch.float32)
 
 
 class DocPooled(NamedTuple):

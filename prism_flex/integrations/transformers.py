@@ -218,7 +218,8 @@ def prism_mask(
             if attention_mask is not None:
                 keys = _covering(attention_mask[:, :written].bool(), written)
             keys = keys.to(kwargs.get("device") or getattr(attention_mask, "device", "cpu"))
-            return _document_ids(torch.where(keys, 0, -1).to(torch.int32), batch_size, written)
+            ids = torch.where(keys, 0, -1).to(torch.int32)
+            return _document_ids(ids, batch_size, written, num_docs=1)
         else:
             raise NotImplementedError(
                 f"{STATIC_CACHE_ERROR} (This forward: {kv_offset + kv_length} key positions, "
@@ -227,7 +228,9 @@ def prism_mask(
     packed = _packed_sequence_ids(mask_function)
     if packed is not None and local_size is None and attention_mask is None:
         # Packed sequences (position_ids restarting, no cache): the documents themselves.
-        return _document_ids(packed.to(torch.int32), batch_size, kv_length)
+        ids = packed.to(torch.int32)
+        num = None if torch.compiler.is_compiling() else int(ids.max()) + 1  # once per forward
+        return _document_ids(ids, batch_size, kv_length, num_docs=num, padded=False)
     if mask_function is not causal_mask_function or local_size is not None:
         kwargs.pop("allow_is_causal_skip", None)  # create_causal_mask passes it: ours wins
         return sdpa_mask(
@@ -250,7 +253,8 @@ def prism_mask(
     if not torch.compiler.is_compiling() and bool(keys.all()):
         return None  # no padding: the plain causal path (one host sync per forward)
     # One document per row, -1 for padding (prism_flex.documents.Segments.ids).
-    return _document_ids(torch.where(keys, 0, -1).to(torch.int32), batch_size, kv_length)
+    ids = torch.where(keys, 0, -1).to(torch.int32)
+    return _document_ids(ids, batch_size, kv_length, num_docs=1)
 
 
 def _covering(keys: Tensor, length: int) -> Tensor:
@@ -261,7 +265,9 @@ def _covering(keys: Tensor, length: int) -> Tensor:
     return torch.nn.functional.pad(keys, (0, length - keys.shape[-1]))
 
 
-def _document_ids(ids: Tensor, batch_size: int, kv_length: int) -> Tensor:
+def _document_ids(
+    ids: Tensor, batch_size: int, kv_length: int, num_docs=None, padded: bool = True
+) -> Tensor:
     """The mask handed to the attention function for padding/documents: int32
     ``(B, 1, 1, Lkv)``, each key's document ordinal in its row, -1 for padding.
 
@@ -269,8 +275,16 @@ def _document_ids(ids: Tensor, batch_size: int, kv_length: int) -> Tensor:
     (``create_masks_for_generate``) and hands it back to the model's forward as
     ``attention_mask``; transformers passes a 4-D mask through as already prepared, but
     would read a 2-D one as a 0/1 padding mask. Int32 tells it from a user's 4-D mask (bool
-    or additive float: SDPA takes no integer mask)."""
-    return ids.expand(batch_size, kv_length).contiguous()[:, None, None, :]
+    or additive float: SDPA takes no integer mask).
+
+    Eagerly, the tensor also carries what this forward knows about it, for every layer to
+    reuse: ``_prism_num_docs`` (documents per row, so that no layer reads the ids back from
+    the device to count them) and ``_prism_padded`` (False: no key is padding)."""
+    out = ids.expand(batch_size, kv_length).contiguous()[:, None, None, :]
+    if not torch.compiler.is_compiling():
+        out._prism_num_docs = num_docs
+        out._prism_padded = padded
+    return out
 
 
 def _closure_vars(fn) -> dict:
@@ -454,6 +468,8 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         segments = None
         if _is_document_ids(attention_mask):
             # Padding / packed documents, from prism_mask (one tensor per forward).
+            num_docs = getattr(attention_mask, "_prism_num_docs", None)
+            padded = getattr(attention_mask, "_prism_padded", True)
             attention_mask = attention_mask[:, 0, 0]
             written = attention_mask.shape[1]
             if attention_mask.shape[0] != query.shape[0] or not (
@@ -468,7 +484,7 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
                 # A StaticCache: only the written keys (prism_mask, eager).
                 key = key[:, :, : attention_mask.shape[1]]
                 value = value[:, :, : attention_mask.shape[1]]
-            segments = Segments(attention_mask, None, True)
+            segments = Segments(attention_mask, num_docs, padded)
         elif _is_4d(attention_mask) and takes_dense_path(query, key, value, cfg):
             # The dense path is SDPA: any mask is exact there (a compiled StaticCache decode
             # step, a user's 4-D mask).
