@@ -14,10 +14,13 @@ prefill. Methods:
 On CPU the backend pins are skipped (plain sdpa) and ``time.perf_counter`` times the calls; on
 CUDA, CUDA events. Each (method, length) row makes one first call (wall time including any
 compile: ``first_call_ms``), ``--warmup`` more untimed calls, then ``--reps`` timed calls
-(median and min reported). ``graphs_warmup`` / ``graphs_timed`` count the graphs dynamo
-compiled (``counters["stats"]["unique_graphs"]``) before and during the timed calls: a
-non-zero ``graphs_timed`` means the timing includes a compile. ``density`` (prism only): mean
-over layers and heads of the selected / causally visible blocks, from one extra untimed forward
+(median and min reported), interleaved across methods (A, B, C, A, B, C, ...) so that a drift
+of the machine's speed falls on all of them; ``host_ms`` is the median wall time until the
+forward returned, before synchronising (close to ``median_ms``: the forward is host-bound).
+``graphs_warmup`` / ``graphs_timed`` count the graphs dynamo compiled
+(``counters["stats"]["unique_graphs"]``) before and during the timed calls: a non-zero
+``graphs_timed`` means the timing includes a compile. ``density`` (prism only): mean over
+layers and heads of the selected / causally visible blocks, from one extra untimed forward
 through a density-recording copy of the attention (``--no-density`` skips it).
 
 Input ids (the ``input`` field of the JSON meta): the first L tokens of ``--text`` (default
@@ -72,6 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="a tiny random Qwen2 model (2 layers, 4/2 heads, head dim 32), no download",
     )
+    p.add_argument(
+        "--arch",
+        default=None,
+        choices=sorted(ARCHS),
+        help="random weights in a real model's architecture (no download; random ids): "
+        "timing without shipping the weights, density not representative",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="a folder: one torch.profiler trace summary per (method, length), after the timing",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
@@ -89,9 +104,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: Architectures of real models (their published config.json values), for ``--arch``.
+ARCHS = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
+
+
 def model_label(args) -> str:
     if args.random_tiny:
         return "random-tiny-qwen2"
+    if args.arch:
+        return f"random-{args.arch}"
     return Path(args.model_path).name if args.model_path else args.model
 
 
@@ -116,6 +150,16 @@ def load_model(args, device: torch.device):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
         return model.to(device).eval(), None
+    if args.arch:
+        from transformers import AutoConfig
+
+        fields = dict(ARCHS[args.arch])
+        cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        cfg.max_position_embeddings = max(args.lengths)
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        return model.eval(), None
     if args.model_path:
         path = Path(args.model_path).expanduser()
     else:
@@ -200,68 +244,110 @@ def forward(model, ids):
     return model(input_ids=ids, logits_to_keep=1, use_cache=True)
 
 
-def time_call(model, ids, device) -> float:
-    """Milliseconds of one forward: CUDA events on GPU (device time), perf_counter on CPU."""
+def time_call(model, ids, device) -> tuple[float, float]:
+    """``(ms, host ms)`` of one forward. ``ms``: CUDA events on GPU (device time),
+    perf_counter on CPU. ``host ms``: wall time until the forward returns, before any
+    synchronisation: when it is close to ``ms`` the forward is bound by the host (Python and
+    launches), not by the GPU."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         forward(model, ids)
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    forward(model, ids)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-def measure(model, ids, method, args, device) -> dict:
-    """First call, warm-up, timed reps (and the density forward) of one (method, length)."""
-    g0 = graphs()
-    sync(device)
     t0 = time.perf_counter()
     forward(model, ids)
-    sync(device)
-    first = (time.perf_counter() - t0) * 1e3
-    for _ in range(args.warmup):
-        forward(model, ids)
-    sync(device)
-    g1 = graphs()
-    times = [time_call(model, ids, device) for _ in range(args.reps)]
-    row = dict(
-        status="ok",
-        median_ms=statistics.median(times),
-        min_ms=min(times),
-        times_ms=times,
-        first_call_ms=first,
-        graphs_warmup=g1 - g0,
-        graphs_timed=graphs() - g1,
-    )
-    if method == "prism" and not args.no_density:
-        DENSITIES.clear()
-        model.set_attn_implementation(DENSITY_NAME)
-        forward(model, ids)
-        model.set_attn_implementation(PRISM_NAME)
-        row["density"] = sum(DENSITIES) / len(DENSITIES)
-    return row
+    host = (time.perf_counter() - t0) * 1e3
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), host
 
 
-def run_row(model, ids, method, args, device) -> dict:
-    """One row; an OOM (or a backend that refuses the shape) is recorded, not raised."""
+def use(model, method: str) -> None:
+    model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
+
+
+def warm(model, ids, method, args, device) -> dict:
+    """First call (wall time, compiles included) and ``--warmup`` untimed calls of one
+    (method, length); an OOM (or a backend that refuses the shape) is recorded, not raised."""
+    use(model, method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    g0 = graphs()
     try:
         with torch.inference_mode(), backend_context(method, device):
-            row = measure(model, ids, method, args, device)
+            sync(device)
+            t0 = time.perf_counter()
+            forward(model, ids)
+            sync(device)
+            first = (time.perf_counter() - t0) * 1e3
+            for _ in range(args.warmup):
+                forward(model, ids)
+            sync(device)
+        row = dict(status="ok", first_call_ms=first, graphs_warmup=graphs() - g0, graphs_timed=0)
     except torch.OutOfMemoryError:
         row = dict(status="oom")
     except RuntimeError as e:  # e.g. "No available kernel" for a pinned backend
         row = dict(status="error", error=str(e).splitlines()[0][:300])
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def measure_length(model, ids, methods, args, device) -> dict[str, dict]:
+    """Rows of every method at one length. The timed calls are interleaved (method A, B, C,
+    A, B, C, ...), so that a drift of the host's or the GPU's speed during the run falls on
+    every method alike: short prefills are bound by the host (``host_ms``), whose speed
+    varies between and during runs."""
+    rows = {m: warm(model, ids, m, args, device) for m in methods}
+    ok = [m for m in methods if rows[m]["status"] == "ok"]
+    timed: dict[str, list] = {m: [] for m in ok}
+    for _ in range(args.reps):
+        for m in ok:
+            use(model, m)
+            g0 = graphs()
+            with torch.inference_mode(), backend_context(m, device):
+                timed[m].append(time_call(model, ids, device))
+            rows[m]["graphs_timed"] += graphs() - g0
+    for m in ok:
+        times = [t for t, _ in timed[m]]
+        rows[m].update(
+            median_ms=statistics.median(times),
+            min_ms=min(times),
+            times_ms=times,
+            host_ms=statistics.median(h for _, h in timed[m]),
+        )
+        if m == "prism" and not args.no_density:
+            DENSITIES.clear()
+            model.set_attn_implementation(DENSITY_NAME)
+            with torch.inference_mode():
+                forward(model, ids)
+            rows[m]["density"] = sum(DENSITIES) / len(DENSITIES)
+        if args.profile:
+            use(model, m)
+            with torch.inference_mode(), backend_context(m, device):
+                profile(model, ids, m, args, device)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+    return rows
+
+
+def profile(model, ids, method, args, device) -> None:
+    """One profiled forward: the operators and kernels by device time, to ``--profile``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        forward(model, ids)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    (folder / f"profile_{method}_{ids.shape[-1]}.txt").write_text(text)
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -314,14 +400,15 @@ def fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| model | method | L | median ms | min ms | vs cudnn | vs flash | density "
-        "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 12 + "|"
+        "| model | method | L | median ms | min ms | host ms | vs cudnn | vs flash | density "
+        "| first call s | graphs warm-up | graphs timed | status |\n" + "|---" * 13 + "|"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['L']} | {fmt(r.get('median_ms'), '.2f')} "
-            f"| {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('speedup_vs_sdpa_cudnn'), '.2f')} "
+            f"| {fmt(r.get('min_ms'), '.2f')} | {fmt(r.get('host_ms'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_sdpa_cudnn'), '.2f')} "
             f"| {fmt(r.get('speedup_vs_sdpa_flash'), '.2f')} | {fmt(r.get('density'), '.3f')} "
             f"| {fmt(r.get('first_call_ms') and r['first_call_ms'] / 1e3, '.2f')} "
             f"| {fmt(r.get('graphs_warmup'), 'd')} | {fmt(r.get('graphs_timed'), 'd')} "
@@ -350,14 +437,13 @@ def main(argv=None) -> dict:
     # One sequence of the longest length; each length takes its first L tokens.
     ids, desc = token_ids(tok, model.config.vocab_size, max(args.lengths), args)
     name, rows, info = model_label(args), [], meta(args, device, desc)
-    for method in args.methods:
-        model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
-        for i, length in enumerate(args.lengths):
-            row = dict(model=name, method=method, L=length, cold=i == 0)
-            row.update(run_row(model, ids[None, :length].to(device), method, args, device))
+    for i, length in enumerate(args.lengths):
+        found = measure_length(model, ids[None, :length].to(device), args.methods, args, device)
+        for method in args.methods:
+            row = dict(model=name, method=method, L=length, cold=i == 0, **found[method])
             rows.append(row)
             log(f"{method} L={length}: {row['status']} {fmt(row.get('median_ms'), '.2f')} ms")
-            write(out, info, rows, old)
+        write(out, info, rows, old)
     add_speedups(rows)
     print(table(rows))
     for method in args.methods:  # recompiles after the first length: the dynamic-shape check

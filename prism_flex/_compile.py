@@ -85,11 +85,37 @@ def _static(config: PrismConfig) -> StaticConfig:
     return StaticConfig(config)
 
 
+def _shape_rules():
+    """The symbolic-shape rules our compiled calls trace and run under (a context manager).
+
+    Why: with dynamo's defaults, two sizes equal at the first call share one symbol ("duck
+    sizing": at ``Lq == Lkv`` the query and key block counts are equal, so the first chunk
+    continuing a cache, ``Lq < Lkv``, recompiled every stage), and a size of 1 is specialised
+    (batch 1 first, then batch 2, recompiled every stage). ``use_duck_shape=False`` gives each
+    size its own symbol and ``backed_size_oblivious`` traces size-1 dims generically, so one
+    compilation serves every length, ``Lq < Lkv`` and every batch size. Patched for our calls
+    only, restored on exit (the user's own compiles keep torch's defaults); both options exist
+    in torch 2.11 and later.
+    """
+    from torch.fx.experimental import _config as shape_config
+
+    return shape_config.patch(use_duck_shape=False)
+
+
+def _with_shape_rules(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _shape_rules():
+            return fn(*args, **kwargs)
+
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(stage: Callable) -> Callable:
     """``stage`` compiled, built on first use. One cache entry per function object: each
     stage has its own code object, hence its own dynamo cache and recompile limit."""
-    return torch.compile(stage, fullgraph=True, dynamic=True)
+    return _with_shape_rules(torch.compile(stage, fullgraph=True, dynamic=True))
 
 
 def run_stage(stage: Callable, mode: Mode, config: PrismConfig, *args):
@@ -101,8 +127,9 @@ def run_stage(stage: Callable, mode: Mode, config: PrismConfig, *args):
 
 @functools.lru_cache(maxsize=None)
 def compiled_flex() -> Callable:
-    """The compiled ``flex_attention`` (``dynamic=True``), built on first use."""
-    return torch.compile(flex_attention, fullgraph=True, dynamic=True)
+    """The compiled ``flex_attention`` (``dynamic=True``, :func:`_shape_rules`), built on
+    first use."""
+    return _with_shape_rules(torch.compile(flex_attention, fullgraph=True, dynamic=True))
 
 
 def lengths_only_dynamic(*tensors: Tensor, head_dim: bool = True) -> tuple[Tensor, ...]:

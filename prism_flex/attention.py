@@ -364,8 +364,13 @@ def attention_with_segments(q, k, v, config, scale, return_density, compiled, se
             out, density = _prism_documents_op(
                 q, k, v, config.to_json(), scale, segments.ids, segments.padded
             )
-    else:
-        out, density = _run(q, k, v, config, scale, mode, segments)
+        return (out, density) if return_density else out
+    if takes_dense_path(q, k, v, config):
+        # The dense path is most of the calls of short prompts, whose forward is host-bound:
+        # nothing here but the SDPA call (the density tensor only when asked for).
+        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
+        return (out, _dense_density(q)) if return_density else out
+    out, density = _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
     return (out, density) if return_density else out
 
 
@@ -380,19 +385,44 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _dense_density(q: Tensor) -> Tensor:
+    return torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
+
+
 def _run(q, k, v, config, scale, mode, segments=None) -> tuple[Tensor, Tensor]:
     """``(out, density)``: dense attention (differentiable) where :func:`takes_dense_path`,
     else the Prism pipeline on detached inputs."""
     if takes_dense_path(q, k, v, config):
-        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
-        return out, torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
+        return pipeline.dense_attention(q, k, v, scale, mode, segments), _dense_density(q)
     return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
 
 
 @uniform_dispatch_keys
 @torch.no_grad()
 def _sparse(q, k, v, config, scale, mode, segments=None):
-    return pipeline.prism_forward(q, k, v, config, scale, mode, segments)
+    if mode is not Mode.COMPILED or q.shape[0] == 1:
+        return pipeline.prism_forward(q, k, v, config, scale, mode, segments)
+    # Compiled, a batch runs row by row. Why: dynamo specialises a size of 1, so batch 1 (the
+    # usual first call) compiled every stage again at the first batch of 2; one row at a time,
+    # one compilation (and one set of CUDA graphs) serves every batch size. The rows are
+    # independent, so the result is the same; the cost is a launch sequence per row, small
+    # where sparsity pays (long rows), and an output copy. With documents, every row takes
+    # the batch's largest document count (counted once).
+    if segments is not None:
+        segments = segments._replace(num_docs=documents.count_documents(segments))
+    rows = [
+        pipeline.prism_forward(
+            q[i : i + 1],
+            k[i : i + 1],
+            v[i : i + 1],
+            config,
+            scale,
+            mode,
+            None if segments is None else segments._replace(ids=segments.ids[i : i + 1]),
+        )
+        for i in range(q.shape[0])
+    ]
+    return torch.cat([out for out, _ in rows]), torch.cat([density for _, density in rows])
 
 
 # Traced inline into a user's compiled model, FlexAttention with a mask computed in the same

@@ -24,7 +24,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask
 
@@ -224,9 +223,13 @@ def table_block_mask(
     offset = kv_len - q_len + query_offset
     rows = tables.partial_num.shape[-1]
     chunk_len = min(q_len - query_offset, rows * config.block_size)
+    # A tensor, not an int: as an int, a compiled flex_attention would bake the value in (one
+    # recompilation per value) or, traced in the user's graph with dynamic shapes, capture a
+    # symbolic size, which its kernel templates cannot take (torch 2.11). A tensor at 0 too:
+    # one mask_mod for every call, so that the first Lq < Lkv call or the first chunked one
+    # does not compile flex_attention again (bench/recompiles.py).
+    offset = torch.full((), offset, dtype=torch.int32, device=device)
     if segments is not None:
-        if offset != 0:
-            offset = torch.full((), offset, dtype=torch.int32, device=device)
         ids = documents.padded_ids(segments, config.block_size)
         return BlockMask.from_kv_blocks(
             *tables,
@@ -235,11 +238,6 @@ def table_block_mask(
             seq_lengths=(chunk_len, kv_len),
             compute_q_blocks=False,
         )
-    if offset != 0:
-        # A tensor, not an int: as an int, a compiled flex_attention would bake the value in
-        # (one recompilation per value) or, traced in the user's graph with dynamic shapes,
-        # capture a symbolic size, which its kernel templates cannot take (torch 2.11).
-        offset = torch.full((), offset, dtype=torch.int32, device=device)
     return block_mask_from_tables(*tables, offset, chunk_len, kv_len, config.block_size)
 
 
@@ -272,17 +270,6 @@ def sparse_attention(
     )
 
 
-#: Dense backends in order of preference: cuDNN first (on the H200 it is the fastest dense
-#: causal attention: 265 ms at 128K against 449 ms for flash, bench/NOTES.md), then the rest
-#: as SDPA would pick them; each is skipped where it cannot take the inputs.
-_DENSE_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
-
 def dense_attention(
     q: Tensor,
     k: Tensor,
@@ -294,26 +281,29 @@ def dense_attention(
     """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V); with
     ``segments``, SDPA with the token rule as a boolean ``(B, 1, Lq, Lkv)`` mask (O(B * Lq *
     Lkv) bytes: the dense path serves short calls and decoding steps) and padded query rows
-    set to 0."""
+    set to 0.
+
+    A plain SDPA call, its backend as torch picks it (and as a user's ``sdpa_kernel`` context
+    says): on torch 2.11 with Hopper that is cuDNN for these inputs (H100, Qwen2.5-0.5B heads,
+    4K and 8K tokens: 94 and 307 us, as with cuDNN pinned; flash 166 and 511 us). Why no
+    ``sdpa_kernel(..., set_priority=True)`` of our own: it costs ~70 us of host time per call
+    (100 us against 32 us for a plain call, same host), and short prefills are host-bound:
+    Qwen2.5-0.5B's forward at 4K tokens spends more time on the host than on the GPU, so 24
+    such contexts made it 4 ms slower than SDPA (bench/NOTES.md, ninth round).
+    """
     if segments is not None:
         mask, q_real = documents.dense_document_mask(segments, q.shape[2])
-        if mode is Mode.TRACED:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        else:
-            with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-                )
+        # enable_gqa=True while traced: compared with dynamic shapes the head counts are a
+        # SymBool, which SDPA rejects.
+        gqa = True if mode is Mode.TRACED else q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return torch.where(q_real, out, out.new_zeros(()))
     if mode is Mode.TRACED:
         # Traced in a user's graph (e.g. training, where the dense path is differentiable):
-        # no backend preference (a host-side setting), and enable_gqa=True whatever the head
-        # counts: compared with dynamic shapes they are a SymBool, which SDPA rejects.
+        # enable_gqa=True whatever the head counts: compared with dynamic shapes they are a
+        # SymBool, which SDPA rejects.
         return _dense_sdpa(q, k, v, scale, True)
-    with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
-        return _dense_sdpa(q, k, v, scale, q.shape[1] != k.shape[1])
+    return _dense_sdpa(q, k, v, scale, q.shape[1] != k.shape[1])
 
 
 def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bool) -> Tensor:

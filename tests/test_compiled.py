@@ -173,3 +173,20 @@ def test_head_counts_and_head_dims_are_static_for_the_compiled_stages():
     assert div._dynamo_static_indices == {1}
     num, idx = _lengths_only_dynamic(torch.ones(1, 4, 5), torch.ones(1, 4, 5, 5), head_dim=False)
     assert num._dynamo_static_indices == idx._dynamo_static_indices == {1}
+
+
+@pytest.mark.slow
+def test_no_recompilation_after_the_first_call_in_a_fresh_process():
+    """From a fresh process (dynamo's caches and its memory of earlier sizes empty): after
+    the first call (batch 1, Lq == Lkv), a longer length, ``Lq < Lkv`` (4 and more query
+    blocks) and batch sizes 1-3 compile nothing (bench/recompiles.py; on CPU, so without the
+    CUDA-graph stage)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.recompiles", "--device", "cpu", "--lengths", "1024",
+           "2048", "--batches", "1", "2", "3", "--heads", "4", "2", "--head-dim", "64"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+    steps = [line for line in done.stderr.splitlines() if "graphs compiled" in line]
+    assert len(steps) == 9, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "graphs compiled after warm-up: 0", steps

@@ -501,10 +501,12 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         cfg.band_dims(query.shape[-1])
         recorders = _active_recorders()
         # K/V keep their Hkv heads: prism_attention does GQA natively (no repeat_kv).
-        out, density = attention_with_segments(
-            query, key, value, cfg, scaling, True, compiled, segments
+        # The density only while recording (the dense path's host time: bench/NOTES.md).
+        out = attention_with_segments(
+            query, key, value, cfg, scaling, bool(recorders), compiled, segments
         )
         if recorders:
+            out, density = out
             dense, density = takes_dense_path(query, key, value, cfg), density.detach()
             for recorder in recorders:
                 recorder._add(module, query.shape[2], key.shape[2], density, dense)
