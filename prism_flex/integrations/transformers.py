@@ -105,10 +105,11 @@ __all__ = [
 PADDING_ERROR = (
     "prism attention does not support this mask: it takes no attention mask, the model's "
     "2-D attention_mask (padded batches, left or right padding) or packed sequences given "
-    "by position_ids; a 4-D mask or a mask function other than those (a 4-D padded mask, "
-    "sliding window, bidirectional or custom and/or masks) has no structure Prism can select "
-    "blocks from. Workaround: pass the 2-D attention_mask (batch, seq_len) instead of a 4-D "
-    "mask, or use attn_implementation='sdpa' for such masks."
+    "by position_ids. On its sparse path (calls large enough to select blocks) a 4-D mask or a "
+    "mask function other than those (a 4-D padded mask, sliding window, bidirectional or "
+    "custom and/or masks) has no structure Prism can select blocks from; its dense path (SDPA) "
+    "applies any 4-D mask. Workaround: pass the 2-D attention_mask (batch, seq_len) instead "
+    "of a 4-D mask, or use attn_implementation='sdpa' for such masks."
 )
 
 STATIC_CACHE_ERROR = (
