@@ -74,12 +74,6 @@ def _args(ids):
     return dict(key_padding_mask=ids >= 0, document_ids=torch.where(ids >= 0, ids, 0))
 
 
-def _ref_ids(ids):
-    """Padding positions may carry any id in the public form: the reference's form keeps -1
-    there and makes each run its own document."""
-    return ids
-
-
 def _assert_clear_equal(got, want, margin):
     clear = margin > MARGIN
     assert torch.equal(got[clear], want[clear])

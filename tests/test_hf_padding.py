@@ -138,3 +138,20 @@ def test_sliding_window_error_names_the_layer():
     text = str(err.value)
     assert "layer 1" in text and "'sliding_attention'" in text and "sliding_window=16" in text
     assert "use_sliding_window=False" in text and "sdpa" in text
+
+
+def test_padded_forward_inside_torch_compile():
+    """A user's torch.compile of the model (fullgraph): the padding ids are made in the graph
+    and cross into Prism's custom op; the default config's dense path there equals sdpa."""
+    name = register(PrismConfig(), "prism_test_pad_traced")
+    ids, mask = _left_padded([_prompt(45, seed=1), _prompt(30, seed=2)])
+    model = _model("qwen2", "sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation(name)
+        forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+        got = forward(ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
