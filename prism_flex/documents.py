@@ -392,9 +392,11 @@ def pool_documents(q: Tensor, k: Tensor, segments: Segments, layout: DocLayout, 
     keep = inside & (tok_ids == slot[None, :, None]) & (layout.final_row >= 0)[..., None]
     hq, d = q.shape[1], q.shape[3]
     gathered = q.gather(2, tok.view(b, 1, m1 * bs, 1).expand(b, hq, m1 * bs, d))
-    gathered = gathered.view(b, hq, m1, g, p, d).float()
-    w = keep.view(b, 1, m1, g, p, 1).float()
-    q_fine = (gathered * w).sum(4) / w.sum(4).clamp_min(1)
+    gathered = gathered.view(b, hq, m1, g, p, d)
+    w = keep.view(b, 1, m1, g, p, 1)
+    # Zeroed in the input dtype (exact), summed in float32: no float32 copy of the rows.
+    sums = (gathered * w.to(gathered.dtype)).sum(4, dtype=torch.float32)
+    q_fine = sums / w.sum(4).clamp_min(1).to(torch.float32)
     hi = torch.where(keep, tok + offset, -1).view(b, m1, g, p).amax(-1)
     k_fine = _masked_pool(k, real, p) if segments.padded else pool_blocks(k, p)
     k_lo, k_hi, _ = _extent(real, 0, p)
