@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from . import pipeline
+from . import documents, pipeline
 from ._compile import Mode, uniform_dispatch_keys
 from .config import PrismConfig
 from .scoring import BandScores
@@ -181,6 +181,9 @@ def prism_block_mask(
     v: Optional[Tensor] = None,
     scale: Optional[float] = None,
     compiled: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> BlockMask:
     """The Prism ``BlockMask`` of a causal attention.
 
@@ -192,14 +195,21 @@ def prism_block_mask(
         scale: the attention's softmax scale, default ``1 / sqrt(D)`` (the fit's outputs).
         compiled: run the scoring through ``torch.compile`` (``False``: eager, for debugging
             and tests).
+        key_padding_mask, document_ids, cu_seqlens: padding and packed documents, as
+            :func:`prism_attention` takes them.
     Returns:
         A forward-only ``BlockMask`` with one row per *query* head, ``BLOCK_SIZE =
         config.block_size``, ``seq_lengths = (Lq, Lkv)``: the diagonal blocks are partial
         (token-level bottom-right causal ``mask_mod``), the other selected blocks full.
         Index tables are full width, ``(B, Hq, Nq, Nk)`` int32, twice: at very long inputs
-        :func:`prism_attention` makes them per chunk of queries instead.
+        :func:`prism_attention` makes them per chunk of queries instead. With padding or
+        documents the ``mask_mod`` is the token rule (causal, same document, real key) and
+        every block holding a boundary or padding is partial.
     """
     _check_config(config)
+    segments = _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled)
+    if segments is not None and config.output_error is not None:
+        raise NotImplementedError(_FIT_DOCUMENTS_ERROR)
     if config.output_error is not None and v is None:
         raise ValueError(
             "PrismConfig.output_error fits the thresholds to attention outputs: pass v= to "
@@ -209,9 +219,33 @@ def prism_block_mask(
     config.band_dims(q.shape[-1])
     mode = Mode.at_entry(compiled)
     tables = pipeline.block_tables(
-        q.detach(), k.detach(), None if v is None else v.detach(), config, scale, mode
+        q.detach(), k.detach(), None if v is None else v.detach(), config, scale, mode, segments
     )
-    return pipeline.table_block_mask(tables, q.shape[2], k.shape[2], 0, config, q.device)
+    return pipeline.table_block_mask(tables, q.shape[2], k.shape[2], 0, config, q.device, segments)
+
+
+_FIT_DOCUMENTS_ERROR = (
+    "PrismConfig.output_error (the threshold fit) does not support key_padding_mask, "
+    "document_ids or cu_seqlens yet: set output_error=None (fixed thresholds) for padded or "
+    "packed calls"
+)
+
+
+def _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled):
+    """The :class:`~prism_flex.documents.Segments` of a call (``None`` without padding or
+    documents); value checks read the tensors (one host sync) except while traced."""
+    if key_padding_mask is None and document_ids is None and cu_seqlens is None:
+        return None
+    check_values = not (compiled and torch.compiler.is_compiling())
+    return documents.make_segments(
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        q.shape[0],
+        k.shape[2],
+        q.device,
+        check_values,
+    )
 
 
 def block_density(block_mask: BlockMask) -> Tensor:
@@ -283,6 +317,9 @@ def prism_attention(
     scale: Optional[float] = None,
     return_density: bool = False,
     compiled: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ):
     """Causal attention over the Prism-selected blocks; a drop-in for
     ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)``.
@@ -290,8 +327,8 @@ def prism_attention(
     Args:
         q: ``(B, Hq, Lq, D)`` after RoPE; k, v: ``(B, Hkv, Lkv, D)``; ``Hq % Hkv == 0`` (GQA
             is native: K/V are never repeated); ``Lq <= Lkv`` (a prefill chunk continuing a
-            KV cache sits at the end, bottom-right causal alignment). No padding and no
-            other mask: every key is attended causally.
+            KV cache sits at the end, bottom-right causal alignment). Without the three
+            arguments below, every key is attended causally.
         config: selection settings; calls too small for sparsity to pay run dense attention
             (:meth:`PrismConfig.runs_dense`).
         scale: softmax scale, default ``1 / sqrt(D)``.
@@ -299,6 +336,25 @@ def prism_attention(
         compiled: use the compiled scoring and ``flex_attention``. ``False`` runs everything
             eagerly (FlexAttention then evaluates the mask on every pair: O(Lq * Lkv)
             memory; for tests and debugging at small sizes).
+        key_padding_mask: bool ``(B, Lkv)``, True for a real token, False for padding (the
+            Hugging Face ``attention_mask`` convention: pass ``attention_mask.bool()``; left,
+            right or any padding).
+        document_ids: integer ``(B, Lkv)``: tokens with equal ids are one document (packed
+            sequences); each document must be one contiguous run of tokens (checked: one
+            host sync and a sort of each row, eager calls only). Ids need not be sorted.
+        cu_seqlens: integer ``(N + 1,)``: FlashAttention-varlen offsets of ``N`` documents
+            packed in one row (``B == 1``): ``0 = cu[0] < cu[1] < ... < cu[N] = Lkv``
+            (checked: one host sync, eager calls only). Exclusive with ``document_ids``;
+            either combines with ``key_padding_mask``.
+
+            With any of them, the query at position ``p`` (queries are the last ``Lq`` of
+            the ``Lkv`` positions) attends key ``j`` iff ``j <= p``, both are in the same
+            document and ``j`` is not padding; query rows at padded positions output
+            zeros. No block crosses a boundary: scores, top-p, sink and local blocks are per
+            document, and a packed row of documents whose lengths are multiples of the block
+            size selects what each document would alone (``prism_flex/documents.py``). The
+            dense path (small calls, inputs that require grad) uses SDPA with the same rule
+            as a boolean mask. Not with ``config.output_error`` (``NotImplementedError``).
     Returns:
         ``(B, Hq, Lq, D)`` in the input dtype, and with ``return_density`` a float32
         ``(B, Hq)`` tensor: selected / causally visible blocks (1.0 on the dense path).
@@ -310,24 +366,38 @@ def prism_attention(
     check_inputs(q, k, v)
     _check_config(config)
     config.band_dims(q.shape[-1])
+    segments = _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled)
+    return attention_with_segments(q, k, v, config, scale, return_density, compiled, segments)
+
+
+def attention_with_segments(q, k, v, config, scale, return_density, compiled, segments):
+    """:func:`prism_attention` of checked inputs with padding/documents already in their
+    internal form (``None``: none), e.g. made once per forward by an integration."""
+    if segments is not None and config.output_error is not None:
+        raise NotImplementedError(_FIT_DOCUMENTS_ERROR)
     mode = Mode.at_entry(compiled)
     if _needs_grad(q, k, v) and mode is not Mode.TRACED:
         warnings.warn(
             "prism_attention is inference only: inputs that require grad run dense "
             "attention (exact, differentiable, no speed-up). For sparse prefill call the "
             "model under torch.inference_mode() or torch.no_grad().",
-            stacklevel=2,
+            stacklevel=3,
         )
     if mode is Mode.TRACED and not _needs_grad(q, k, v):
         # The size rule is decided inside the op, on real sizes (no guard in the user's graph).
-        out, density = _prism_op(q, k, v, config.to_json(), scale)
+        if segments is None:
+            out, density = _prism_op(q, k, v, config.to_json(), scale)
+        else:
+            out, density = _prism_documents_op(
+                q, k, v, config.to_json(), scale, segments.ids, segments.padded
+            )
         return (out, density) if return_density else out
     if takes_dense_path(q, k, v, config):
         # The dense path is most of the calls of short prompts, whose forward is host-bound:
         # nothing here but the SDPA call (the density tensor only when asked for).
-        out = pipeline.dense_attention(q, k, v, scale, mode)
+        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
         return (out, _dense_density(q)) if return_density else out
-    out, density = _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode)
+    out, density = _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
     return (out, density) if return_density else out
 
 
@@ -346,26 +416,37 @@ def _dense_density(q: Tensor) -> Tensor:
     return torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
 
 
-def _run(q, k, v, config, scale, mode) -> tuple[Tensor, Tensor]:
+def _run(q, k, v, config, scale, mode, segments=None) -> tuple[Tensor, Tensor]:
     """``(out, density)``: dense attention (differentiable) where :func:`takes_dense_path`,
     else the Prism pipeline on detached inputs."""
     if takes_dense_path(q, k, v, config):
-        return pipeline.dense_attention(q, k, v, scale, mode), _dense_density(q)
-    return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode)
+        return pipeline.dense_attention(q, k, v, scale, mode, segments), _dense_density(q)
+    return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
 
 
 @uniform_dispatch_keys
 @torch.no_grad()
-def _sparse(q, k, v, config, scale, mode):
+def _sparse(q, k, v, config, scale, mode, segments=None):
     if mode is not Mode.COMPILED or q.shape[0] == 1:
-        return pipeline.prism_forward(q, k, v, config, scale, mode)
+        return pipeline.prism_forward(q, k, v, config, scale, mode, segments)
     # Compiled, a batch runs row by row. Why: dynamo specialises a size of 1, so batch 1 (the
     # usual first call) compiled every stage again at the first batch of 2; one row at a time,
     # one compilation (and one set of CUDA graphs) serves every batch size. The rows are
     # independent, so the result is the same; the cost is a launch sequence per row, small
-    # where sparsity pays (long rows), and an output copy.
+    # where sparsity pays (long rows), and an output copy. With documents, every row takes
+    # the batch's largest document count (counted once).
+    if segments is not None:
+        segments = segments._replace(num_docs=documents.count_documents(segments))
     rows = [
-        pipeline.prism_forward(q[i : i + 1], k[i : i + 1], v[i : i + 1], config, scale, mode)
+        pipeline.prism_forward(
+            q[i : i + 1],
+            k[i : i + 1],
+            v[i : i + 1],
+            config,
+            scale,
+            mode,
+            None if segments is None else segments._replace(ids=segments.ids[i : i + 1]),
+        )
         for i in range(q.shape[0])
     ]
     return torch.cat([out for out, _ in rows]), torch.cat([density for _, density in rows])
@@ -392,6 +473,27 @@ def _prism_op(
 
 @_prism_op.register_fake
 def _(q, k, v, config_json, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[:2], dtype=torch.float32
+    )
+
+
+# The same op with padding/documents: the per-token ids cross the boundary as a tensor (the
+# internal form, ``documents.Segments.ids``), the number of documents is counted inside on
+# real tensors.
+@torch.library.custom_op("prism_flex::prism_attention_documents", mutates_args=())
+def _prism_documents_op(
+    q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float], ids: Tensor,
+    padded: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    config = PrismConfig.from_json(config_json)
+    segments = documents.Segments(ids, None, padded)
+    out, density = _run(q, k, v, config, scale, Mode.COMPILED, segments)
+    return out.contiguous(), density
+
+
+@_prism_documents_op.register_fake
+def _(q, k, v, config_json, scale, ids, padded):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:2], dtype=torch.float32
     )

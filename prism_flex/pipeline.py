@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask
 
-from . import fit
+from . import documents, fit
 from ._compile import (
     GraphedStage,
     Mode,
@@ -184,8 +184,27 @@ def block_tables(
     config: PrismConfig,
     scale: Optional[float],
     mode: Mode,
+    segments: Optional[documents.Segments] = None,
 ) -> BlockTables:
     """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
+    if segments is not None:
+        layout, scores = _document_scores(q, k, config, segments, mode)
+        nq = layout.q_lo.shape[1]
+        return _marked(
+            run_stage(
+                documents.select_document_tables,
+                mode,
+                config,
+                scores,
+                layout,
+                0,
+                nq,
+                q.shape[2],
+                k.shape[2],
+                *Thresholds.of(config),
+            ),
+            mode,
+        )
     return _all_tables(q, k, v, pool_inputs(q, k, config, mode), config, scale, mode)
 
 
@@ -196,9 +215,11 @@ def table_block_mask(
     query_offset: int,
     config: PrismConfig,
     device: torch.device,
+    segments: Optional[documents.Segments] = None,
 ) -> BlockMask:
     """The ``BlockMask`` of tables whose first query block starts at query token
-    ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call."""
+    ``query_offset`` (0 unless the queries are chunked) of a ``(q_len, kv_len)`` call; with
+    ``segments``, its ``mask_mod`` is the document/padding token rule."""
     offset = kv_len - q_len + query_offset
     rows = tables.partial_num.shape[-1]
     chunk_len = min(q_len - query_offset, rows * config.block_size)
@@ -208,6 +229,15 @@ def table_block_mask(
     # one mask_mod for every call, so that the first Lq < Lkv call or the first chunked one
     # does not compile flex_attention again (bench/recompiles.py).
     offset = torch.full((), offset, dtype=torch.int32, device=device)
+    if segments is not None:
+        ids = documents.padded_ids(segments, config.block_size)
+        return BlockMask.from_kv_blocks(
+            *tables,
+            BLOCK_SIZE=config.block_size,
+            mask_mod=documents.document_mask_mod(ids, offset),
+            seq_lengths=(chunk_len, kv_len),
+            compute_q_blocks=False,
+        )
     return block_mask_from_tables(*tables, offset, chunk_len, kv_len, config.block_size)
 
 
@@ -240,8 +270,18 @@ def sparse_attention(
     )
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], mode: Mode) -> Tensor:
-    """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V).
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: Optional[float],
+    mode: Mode,
+    segments: Optional[documents.Segments] = None,
+) -> Tensor:
+    """Dense causal attention, bottom-right aligned, native GQA (no repeated K/V); with
+    ``segments``, SDPA with the token rule as a boolean ``(B, 1, Lq, Lkv)`` mask (O(B * Lq *
+    Lkv) bytes: the dense path serves short calls and decoding steps) and padded query rows
+    set to 0.
 
     A plain SDPA call, its backend as torch picks it (and as a user's ``sdpa_kernel`` context
     says): on torch 2.11 with Hopper that is cuDNN for these inputs (H100, Qwen2.5-0.5B heads,
@@ -251,6 +291,13 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], mod
     Qwen2.5-0.5B's forward at 4K tokens spends more time on the host than on the GPU, so 24
     such contexts made it 4 ms slower than SDPA (bench/NOTES.md, ninth round).
     """
+    if segments is not None:
+        mask, q_real = documents.dense_document_mask(segments, q.shape[2])
+        # enable_gqa=True while traced: compared with dynamic shapes the head counts are a
+        # SymBool, which SDPA rejects.
+        gqa = True if mode is Mode.TRACED else q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return torch.where(q_real, out, out.new_zeros(()))
     if mode is Mode.TRACED:
         # Traced in a user's graph (e.g. training, where the dense path is differentiable):
         # enable_gqa=True whatever the head counts: compared with dynamic shapes they are a
@@ -271,7 +318,13 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bo
 
 
 def prism_forward(
-    q: Tensor, k: Tensor, v: Tensor, config: PrismConfig, scale: Optional[float], mode: Mode
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: PrismConfig,
+    scale: Optional[float],
+    mode: Mode,
+    segments: Optional[documents.Segments] = None,
 ) -> tuple[Tensor, Tensor]:
     """Prism attention (the sparse path) of checked, detached inputs that need no grad;
     ``attention.py`` decides when to run dense instead.
@@ -279,6 +332,8 @@ def prism_forward(
     Returns:
         ``(out (B, Hq, Lq, D), density (B, Hq) float32)``.
     """
+    if segments is not None:
+        return _document_forward(q, k, v, config, scale, mode, segments)
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
     bs = config.block_size
@@ -399,3 +454,87 @@ def _fit_samples(
     torch._dynamo.mark_static(pos, 0)
     torch._dynamo.mark_static(pos, 1)
     return rows, pos
+
+
+def _document_scores(q, k, config, segments, mode):
+    """Layout and scores of a documents call (``documents.py``): the pooling and the layout
+    eagerly, the scoring as a stage; ``final_block_pool``'s rows in chunks of documents (at
+    most ``config.max_score_elements`` fine scores at once)."""
+    num_docs = documents.count_documents(segments)
+    layout = documents.doc_layout(segments, q.shape[2], config.block_size, num_docs)
+    pooled = documents.pool_documents(q, k, segments, layout, config)
+    scores = run_stage(
+        documents.score_documents,
+        mode,
+        config,
+        pooled.q_pool,
+        pooled.k_pool,
+        layout.q_doc,
+        layout.k_doc,
+        num_docs,
+        config.high_temperature,
+        config.low_temperature,
+    )
+    if pooled.q_fine is not None:
+        batch, hq, slots, g = pooled.q_fine.shape[:4]
+        nk = pooled.k_pool.shape[2]
+        step = max(1, config.max_score_elements // (batch * hq * g * pooled.k_fine.shape[2]))
+        parts = [
+            run_stage(
+                documents.fine_document_probs,
+                mode,
+                config,
+                pooled.q_fine[:, :, a : a + step],
+                pooled.q_fine_hi[:, a : a + step],
+                pooled.k_fine,
+                pooled.k_fine_lo,
+                pooled.k_fine_hi,
+                layout.doc_start[:, a : a + step],
+                nk,
+            )
+            for a in range(0, slots, step)
+        ]
+        scores = scores._replace(fine=torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+    return layout, scores
+
+
+def _document_forward(q, k, v, config, scale, mode, segments):
+    """:func:`prism_forward` with documents/padding (``documents.py``); queries in chunks
+    of query blocks as without."""
+    if config.output_error is not None:
+        raise NotImplementedError(
+            "PrismConfig.output_error (the threshold fit) does not support padding or packed "
+            "documents yet: set output_error=None (fixed thresholds) for these calls"
+        )
+    batch, hq, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    bs = config.block_size
+    layout, scores = _document_scores(q, k, config, segments, mode)
+    nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
+    rows = chunk_rows(config, batch, hq, nk)
+    thresholds = Thresholds.of(config)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
+    for start in range(0, nq, rows):
+        n = min(rows, nq - start)
+        tables = _marked(
+            run_stage(
+                documents.select_document_tables,
+                mode,
+                config,
+                scores,
+                layout,
+                start,
+                n,
+                q_len,
+                kv_len,
+                *thresholds,
+            ),
+            mode,
+        )
+        first, last = start * bs, min((start + n) * bs, q_len)
+        mask = table_block_mask(tables, q_len, kv_len, first, config, q.device, segments)
+        q_chunk = q if n == nq else q[:, :, first:last].contiguous()
+        out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
+        chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
+    return out, chosen / documents.visible_document_blocks(layout, bs)

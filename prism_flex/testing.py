@@ -323,3 +323,196 @@ def fitted_selection(q, k, v, config: PrismConfig, scale=None):
             )
             margin[bi, h] = torch.clamp(tables[chosen][1][bi, h], max=min(fit_margin, sampled))
     return table, margin, thresholds
+
+
+# --- Padded batches and packed documents (prism_flex/documents.py) -----------------------
+# ``ids``: int (B, Lkv), equal ids = one document (each a contiguous run), -1 = padding.
+
+
+def document_token_mask(ids: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Bool ``(B, Lq, Lkv)``: query ``t`` (position ``p = t + Lkv - Lq``) sees key ``j`` iff
+    ``j <= p``, same id, key not padding."""
+    kv_len = ids.shape[1]
+    causal = causal_token_mask(q_len, kv_len)
+    q_ids = ids[:, kv_len - q_len :]
+    return causal & (q_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+
+
+def _real_mean(x: torch.Tensor, keep: list[bool]):
+    """Mean over the rows of ``x`` (float64) where ``keep``; zeros when none."""
+    rows = [x[i].double() for i in range(len(keep)) if keep[i]]
+    return torch.stack(rows).mean(0) if rows else torch.zeros(x.shape[-1], dtype=torch.float64)
+
+
+def document_selection(q, k, ids, config: PrismConfig):
+    """Selected blocks ``(B, Hq, Nq, Nk)`` and decision margins ``(B, Hq, Nq)`` with
+    documents/padding, from the rules of ``prism_flex/documents.py``, row by row.
+
+    Block means over real tokens; a block belongs to the document of its first real token;
+    calibration per document (rms over its blocks); a query block with no real token selects
+    nothing; one with two or more documents every key block where the token rule allows some
+    pair; one with one document ``d`` its top-p over the blocks where the rule allows some
+    pair, the block of ``d``'s first token (sink), its diagonal and local blocks, the finer
+    row if it holds ``d``'s last query, all if it is among ``d``'s last ``dense_final_blocks``
+    query blocks; everything intersected with the allowed blocks.
+    """
+    bs = config.block_size
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    offset = lkv - lq
+    nq, nk = num_blocks(lq, bs), num_blocks(lkv, bs)
+    tok = document_token_mask(ids, lq)
+    _, diagonal = causal_blocks(lq, lkv, bs)
+    sel = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+    margin = torch.full((b, hq, nq), math.inf, dtype=torch.float64)
+    for bi in range(b):
+        row_ids = ids[bi].tolist()
+        real = [i >= 0 for i in row_ids]
+
+        def block_doc(start, stop):
+            for pos in range(start, stop):
+                if real[pos]:
+                    return row_ids[pos]
+            return None
+
+        q_docs = [block_doc(offset + i * bs, min(offset + (i + 1) * bs, lkv)) for i in range(nq)]
+        k_docs = [block_doc(j * bs, min((j + 1) * bs, lkv)) for j in range(nk)]
+        allowed = torch.zeros(nq, nk, dtype=torch.bool)
+        for i in range(nq):
+            for j in range(nk):
+                allowed[i, j] = bool(tok[bi, i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].any())
+        first_pos = {}
+        last_q = {}
+        for pos, doc in enumerate(row_ids):
+            if doc >= 0:
+                first_pos.setdefault(doc, pos)
+                if pos >= offset:
+                    last_q[doc] = (pos - offset) // bs
+        qp = torch.zeros(hq, nq, d, dtype=torch.float64)
+        kp = torch.zeros(hkv, nk, d, dtype=torch.float64)
+        for i in range(nq):
+            keep = real[offset + i * bs : offset + min((i + 1) * bs, lq)]
+            for h in range(hq):
+                qp[h, i] = _real_mean(q[bi, h, i * bs : i * bs + len(keep)], keep)
+        for j in range(nk):
+            keep = real[j * bs : min((j + 1) * bs, lkv)]
+            for h in range(hkv):
+                kp[h, j] = _real_mean(k[bi, h, j * bs : j * bs + len(keep)], keep)
+        fine = _document_fine(q[bi], k[bi], row_ids, config) if config.final_block_pool else {}
+        for which, dims in zip(("high", "low"), config.band_dims(d)):
+            idx = band_dims(d, dims, which, config.rope_layout)
+            for h in range(hq):
+                kh = h // group
+                for i in range(nq):
+                    doc = q_docs[i]
+                    if doc is None:
+                        continue
+                    docs_here = {
+                        row_ids[p]
+                        for p in range(offset + i * bs, offset + min((i + 1) * bs, lq))
+                        if real[p]
+                    }
+                    if len(docs_here) > 1:
+                        sel[bi, h, i] |= allowed[i]
+                        continue
+                    if config.calibrate:
+                        qs = [r for r in range(nq) if q_docs[r] == doc]
+                        ks = [c for c in range(nk) if k_docs[c] == doc]
+                        qa, ka = qp[h, qs], kp[kh, ks]
+                        t = (
+                            math.sqrt(dims / d)
+                            * float(qa[:, idx].square().mean().sqrt() / qa.square().mean().sqrt())
+                            * float(ka[:, idx].square().mean().sqrt() / ka.square().mean().sqrt())
+                        )
+                    else:
+                        t = getattr(config, f"{which}_temperature")
+                    logits = kp[kh][:, idx] @ qp[h, i, idx] / (math.sqrt(dims) * t)
+                    logits = logits.masked_fill(~allowed[i], -math.inf)
+                    kept, m = top_p_row(
+                        torch.softmax(logits, 0).tolist(), getattr(config, f"{which}_threshold")
+                    )
+                    margin[bi, h, i] = min(margin[bi, h, i], m)
+                    chosen = set(kept)
+                    if which == "low":  # forced blocks once (both bands visit the row)
+                        if config.final_block_pool and last_q.get(doc) == i:
+                            thr = max(config.high_threshold, config.low_threshold)
+                            kept, m = top_p_row(fine[doc][h].tolist(), thr)
+                            chosen |= kept
+                            margin[bi, h, i] = min(margin[bi, h, i], m)
+                        if config.force_sink:
+                            chosen.add(first_pos[doc] // bs)
+                        diag = set(torch.nonzero(diagonal[i]).flatten().tolist())
+                        if config.force_diagonal:
+                            chosen |= diag
+                        if config.local_blocks:
+                            first = min(diag)
+                            chosen |= set(range(max(0, first - config.local_blocks), first))
+                        if i > last_q[doc] - config.dense_final_blocks:
+                            chosen = set(range(nk))
+                    for j in chosen:
+                        sel[bi, h, i, j] |= bool(allowed[i, j])
+    return sel, margin
+
+
+def _document_fine(q, k, row_ids, config: PrismConfig) -> dict:
+    """``final_block_pool``'s probabilities of each document's last query block, per
+    document: ``{doc: (Hq, Nk) float64}`` (one batch row; q ``(Hq, Lq, D)``)."""
+    p, bs = config.final_block_pool, config.block_size
+    hq, lq, d = q.shape
+    hkv, lkv = k.shape[0], k.shape[1]
+    offset = lkv - lq
+    nk = num_blocks(lkv, bs)
+    real = [i >= 0 for i in row_ids]
+    out = {}
+    docs = {i for i in row_ids[offset:] if i >= 0}
+    for doc in docs:
+        last_tok = max(t for t in range(lq) if row_ids[t + offset] == doc)
+        row = last_tok // bs
+        runs = []
+        for s in range(row * bs, min((row + 1) * bs, lq), p):
+            toks = [t for t in range(s, min(s + p, lq)) if row_ids[t + offset] == doc]
+            if toks:
+                runs.append(toks)
+        start = min(pos for pos, i in enumerate(row_ids) if i == doc)
+        probs = torch.zeros(hq, nk, dtype=torch.float64)
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            for toks in runs:
+                qm = q[h, toks].double().mean(0)
+                last = toks[-1] + offset
+                seen, logits = [], []
+                for c0 in range(0, lkv, p):
+                    rng = range(c0, min(c0 + p, lkv))
+                    if not any(real[j] and start <= j <= last for j in rng):
+                        continue
+                    km = _real_mean(k[kh, c0 : c0 + len(rng)], real[c0 : c0 + len(rng)])
+                    seen.append(c0)
+                    logits.append(qm @ km / math.sqrt(d))
+                w = torch.softmax(torch.stack(logits), 0)
+                for c0, wi in zip(seen, w):
+                    probs[h, c0 // bs] += wi / len(runs)
+        out[doc] = probs
+    return out
+
+
+def document_attention(q, k, v, ids, block_table, block_size: int, scale=None, dtype=torch.float64):
+    """:func:`attention` with the document/padding token rule: softmax over the keys of the
+    selected blocks that the rule allows; query rows that see none return 0."""
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    tok = document_token_mask(ids, lq)
+    out = torch.zeros(b, hq, lq, d, dtype=dtype)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            table = (
+                block_table[bi, h].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+            )
+            mask = tok[bi] & table[:lq, :lkv]
+            scores = (q[bi, h].to(dtype) @ k[bi, kh].to(dtype).T) * scale
+            scores = scores.masked_fill(~mask, -math.inf)
+            p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            out[bi, h] = p @ v[bi, kh].to(dtype)
+    return out

@@ -1,8 +1,10 @@
-"""Caches whose key/value tensors outnumber the tokens seen (StaticCache) must raise, not answer.
+"""Caches whose key/value tensors outnumber the tokens seen (StaticCache) must answer right
+or raise, never answer wrong.
 
 transformers hands the mask function ``kv_length = max_cache_len`` for a StaticCache; Prism
-aligns causality bottom-right, so without the check the unwritten slots would be attended as
-the newest keys (a silent wrong answer). Tiny random Llama / Qwen2 models on CPU, eager Prism.
+aligns causality bottom-right, so the unwritten slots must never reach it as keys: eagerly the
+mask function hands the attention the written keys only; traced, the mask is materialised and
+only the dense path takes it. Tiny random Llama / Qwen2 / Qwen3 models on CPU, eager Prism.
 """
 
 from __future__ import annotations
@@ -42,30 +44,54 @@ MESSAGE = r"StaticCache.*cache_implementation='static'.*dynamic cache.*attn_impl
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name, length", [(DENSE_PATH, 40), (SPARSE_PATH, 100)])
+@pytest.mark.parametrize("name, length", [(DENSE_PATH, 40), (SPARSE_PATH, 100), (EXACT, 100)])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_generate_static_cache_raises(family, name, length, with_mask):
+def test_generate_static_cache_equals_dynamic_cache(family, name, length, with_mask):
+    """Eager: the mask function hands the attention the written keys only, so a StaticCache
+    gives the dynamic cache's tokens (prefill on the sparse path included)."""
     model = _model(family, name)
     prompt = _prompt(length)
-    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     if with_mask:
         kwargs["attention_mask"] = torch.ones_like(prompt)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match=MESSAGE):
-        model.generate(prompt, **kwargs)
+    with torch.no_grad():
+        static = model.generate(prompt, cache_implementation="static", **kwargs)
+        dynamic = model.generate(prompt, **kwargs)
+    assert torch.equal(static, dynamic)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_user_static_cache_raises_in_prefill_and_decode(family):
+def test_static_cache_padded_batch_equals_dynamic_cache(family):
+    model = _model(family, SPARSE_PATH)
+    ids = _prompt(100, batch=2, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    ids[1, :37] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        static = model.generate(ids, cache_implementation="static", **kwargs)
+        dynamic = model.generate(ids, **kwargs)
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_user_static_cache_prefill_and_decode_match_sdpa(family):
     model = _model(family, "sdpa")
     ids = _prompt(40)
-    cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=64)
         model(ids, past_key_values=cache)  # prefill with sdpa: the cache holds 40 of 64 slots
-        model.set_attn_implementation(SPARSE_PATH)
-        with pytest.raises(NotImplementedError, match=r"64 key positions, 41 tokens seen"):
-            model(ids[:, :1], past_key_values=cache)  # decode
-        with pytest.raises(NotImplementedError, match=MESSAGE):
-            model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+        want = model(ids[:, :1], past_key_values=cache).logits  # decode
+        model.set_attn_implementation(EXACT)
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        got_prefill = model(ids, past_key_values=cache).logits
+        got = model(ids[:, :1], past_key_values=cache).logits
+        model.set_attn_implementation("sdpa")
+        want_prefill = model(
+            ids, past_key_values=StaticCache(config=model.config, max_cache_len=64)
+        )
+    torch.testing.assert_close(got_prefill, want_prefill.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_full_static_cache_is_exact():
@@ -80,14 +106,27 @@ def test_full_static_cache_is_exact():
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_static_cache_decode_asserts():
-    """Under torch.compile the StaticCache's query offset is a traced tensor: the check is a
-    run-time torch._assert_async (RuntimeError with the same message), fullgraph included."""
+def test_compiled_static_cache_decode_dense_runs_sparse_asserts():
+    """Under torch.compile the StaticCache's query offset is a traced tensor: the mask is
+    materialised; a decoding step on the dense path applies it (equal to sdpa), one on the
+    sparse path is refused by a run-time torch._assert_async (RuntimeError naming
+    StaticCache), fullgraph included."""
     model = _model("llama", "sdpa")
     ids = _prompt(40)
-    cache = StaticCache(config=model.config, max_cache_len=48)
     torch._dynamo.reset()
     with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        model(ids, past_key_values=cache)
+        want = model(ids[:, :1], past_key_values=cache).logits
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        model(ids, past_key_values=cache)
+        model.set_attn_implementation(DENSE_PATH)
+        forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+        got = forward(ids[:, :1], past_key_values=cache).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()
+        cache = StaticCache(config=model.config, max_cache_len=48)
+        model.set_attn_implementation("sdpa")
         model(ids, past_key_values=cache)
         model.set_attn_implementation(SPARSE_PATH)
         forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
@@ -128,10 +167,24 @@ def test_prism_mask_extent_rule():
     assert prism_mask(q_length=1, kv_length=57, q_offset=56, **kw) is None
     # StaticLayer: q_offset is its cumulative_length tensor, kv_length its max_cache_len.
     assert prism_mask(q_length=1, kv_length=48, q_offset=torch.tensor(47), **kw) is None
+    # Not full: the ids of the written keys only, (B, 1, 1, written).
+    got = prism_mask(q_length=1, kv_length=48, q_offset=torch.tensor(39), **kw)
+    assert got.shape == (1, 1, 1, 40) and got.dtype == torch.int32 and bool((got == 0).all())
+    got = prism_mask(q_length=40, kv_length=48, q_offset=0, **kw)  # uninitialised: offset 0
+    assert got.shape == (1, 1, 1, 40)
+    mask = torch.ones(1, 40)
+    mask[0, :3] = 0
+    got = prism_mask(q_length=40, kv_length=48, q_offset=0, attention_mask=mask, **kw)
+    assert got[0, 0, 0].tolist() == [-1] * 3 + [0] * 37
+    # A sliding-window (or custom) mask on an unfilled StaticCache still raises.
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
     with pytest.raises(NotImplementedError, match="48 key positions, 40 tokens seen"):
-        prism_mask(q_length=1, kv_length=48, q_offset=torch.tensor(39), **kw)
-    with pytest.raises(NotImplementedError, match="48 key positions, 40 tokens seen"):
-        prism_mask(q_length=40, kv_length=48, q_offset=0, **kw)  # uninitialised: offset 0
-    with pytest.raises(NotImplementedError, match="48 key positions, 40 tokens seen"):
-        prism_mask(q_length=40, kv_length=48, q_offset=0, attention_mask=torch.ones(1, 40), **kw)
-    assert STATIC_CACHE_ERROR.startswith("prism attention does not support")
+        prism_mask(
+            q_length=40,
+            kv_length=48,
+            q_offset=0,
+            mask_function=sliding_window_causal_mask_function(8),
+            **kw,
+        )
+    assert STATIC_CACHE_ERROR.startswith("prism attention cannot run its sparse path")

@@ -21,12 +21,19 @@ It uses transformers' public extension points only (no patched classes):
   implementation. Without it, transformers builds *no* mask for an unknown implementation name
   (it assumes a backend that handles padding itself), and a padded batch would be silently
   attended as unpadded. Ours returns ``None`` for a plain causal mask (no materialised
-  ``(B, 1, Lq, Lkv)`` tensor, which at long context would cost more than Prism saves) and raises
-  :class:`NotImplementedError` for padding and for a cache whose keys outnumber the tokens seen.
+  ``(B, 1, Lq, Lkv)`` tensor, which at long context would cost more than Prism saves); for a
+  padded batch (the 2-D ``attention_mask``) or packed sequences (``position_ids`` restarting
+  at 0, no cache: transformers then composes a packed-sequence mask function, recognised by
+  its structure) it returns int32 ``(B, 1, 1, Lkv)`` per-key document ids, ``-1`` for padding
+  (``prism_flex.documents.Segments.ids``), once per forward, which every layer's attention
+  then honours (no block crosses a boundary, padded query rows output zeros); it raises
+  :class:`NotImplementedError` only for a sliding-window or custom mask on a cache whose keys
+  outnumber the tokens seen (a StaticCache not yet full: otherwise handled, see below).
   transformers (5.x, ``masking_utils.create_causal_mask``) calls it with ``q_length``,
   ``kv_length``, ``q_offset`` (the cache's ``get_query_offset()``: tokens cached before this
-  forward) and ``kv_offset`` (both from the cache's ``get_mask_sizes``), and the 2-D
-  ``attention_mask`` or ``None``. The attention function is not given the cache (its kwargs
+  forward) and ``kv_offset`` (both from the cache's ``get_mask_sizes``), the 2-D
+  ``attention_mask`` or ``None``, and the mask function. The attention function is not given
+  the cache (its kwargs
   carry ``position_ids`` and ``use_cache``), so the cache checks live in the mask function.
 
 Which PrismConfig is used: the one given to :func:`register` for that name (default
@@ -37,12 +44,17 @@ name per configuration (``register(cfg_a, "prism_a")``) and give each model its 
 
 Supported: causal self-attention of decoder-only models whose attention calls
 ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Qwen3, Mistral, ...), with no cache or a dynamic KV
-cache (prefill, chunked prefill continuing a cache, greedy/sampled decoding). Not supported
-(raises :class:`NotImplementedError`): padding in the batch, sliding-window layers, packed
-sequences or other non-causal masks, ``StaticCache`` / ``cache_implementation="static"`` (any
-cache whose key/value tensors are longer than the tokens seen so far: Prism aligns causality
-bottom-right, so the unwritten slots would be attended as the newest keys; checked in prefill
-and decode, eager and under ``torch.compile``, where it is a run-time ``torch._assert_async``),
+cache (prefill, chunked prefill continuing a cache, greedy/sampled decoding), padded batches
+(``generate`` on several prompts: left padding and its 2-D ``attention_mask``; decoding steps
+run dense SDPA with the same mask) and packed sequences (``position_ids`` restarting per
+document, ``use_cache=False``). Not supported (raises :class:`NotImplementedError`):
+sliding-window layers (the error names the layer and its type), 4-D or custom masks other
+than plain causal on the sparse path (the dense path, i.e. SDPA, applies any 4-D mask), and
+the sparse path inside ``torch.compile`` on a cache whose key/value tensors are longer than
+the tokens seen so far (``StaticCache`` / ``cache_implementation="static"``: the written
+length is a traced value there; a run-time ``torch._assert_async``). Eagerly such a cache
+works (prefill and decoding: the mask function hands the attention the written keys only,
+so bottom-right causality is exact), and so do compiled decoding steps on the dense path.
 attention dropout, ``output_attentions``. Inference only, like :func:`prism_flex.prism_attention`.
 
 How sparse a forward was: run it inside :func:`record_density`::
@@ -76,8 +88,9 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from ..attention import prism_attention, takes_dense_path
+from ..attention import attention_with_segments, check_inputs, takes_dense_path
 from ..config import PrismConfig
+from ..documents import Segments
 
 __all__ = [
     "register",
@@ -90,20 +103,24 @@ __all__ = [
 ]
 
 PADDING_ERROR = (
-    "prism attention does not support padded batches (or any attention mask other than the "
-    "plain causal one: padding, sliding window, packed sequences, StaticCache slots): Prism "
-    "selects blocks per sequence and its kernels apply only the causal mask. Workaround: run "
-    "unpadded inputs (batch size 1, or a batch of equal-length sequences without padding "
-    "tokens) with a dynamic KV cache, or use attn_implementation='sdpa' for padded batches."
+    "prism attention does not support this mask: it takes no attention mask, the model's "
+    "2-D attention_mask (padded batches, left or right padding) or packed sequences given "
+    "by position_ids. On its sparse path (calls large enough to select blocks) a 4-D mask or a "
+    "mask function other than those (a 4-D padded mask, sliding window, bidirectional or "
+    "custom and/or masks) has no structure Prism can select blocks from; its dense path (SDPA) "
+    "applies any 4-D mask. Workaround: pass the 2-D attention_mask (batch, seq_len) instead "
+    "of a 4-D mask, or use attn_implementation='sdpa' for such masks."
 )
 
 STATIC_CACHE_ERROR = (
-    "prism attention does not support a KV cache whose key/value tensors are longer than the "
-    "tokens written so far (StaticCache, cache_implementation='static', or any pre-allocated "
-    "cache): Prism applies the plain causal mask aligned bottom-right, so the unwritten cache "
-    "slots would be attended as the newest keys. Workaround: use the default dynamic cache "
-    "(drop cache_implementation='static' from generate / its generation_config, or pass a "
-    "DynamicCache instead of a StaticCache), or use attn_implementation='sdpa'."
+    "prism attention cannot run its sparse path inside torch.compile on a KV cache whose "
+    "key/value tensors are longer than the tokens written so far (StaticCache, "
+    "cache_implementation='static', or any pre-allocated cache): the number of written tokens "
+    "is a traced value there, and Prism aligns causality bottom-right over the keys it is "
+    "given. Eager forwards (prefill and decoding) and compiled decoding steps on the dense "
+    "path work. Workaround: run the prefill eagerly (generate compiles only decoding steps), "
+    "pass disable_compile=True to generate, use the default dynamic cache (drop "
+    "cache_implementation='static'), or use attn_implementation='sdpa'."
 )
 
 
@@ -157,21 +174,66 @@ def prism_mask(
     """The mask function registered for Prism (``AttentionMaskInterface``).
 
     ``attention_mask`` here is the model's 2-D padding mask ``(B, seen + Lq)`` (or ``None``).
-    The model builds its mask once per forward, not once per layer, so the padding check lives
-    here: one O(B * Lkv) reduction per forward instead of a per-layer look at a 4-D mask.
+    The model builds its mask once per forward, not once per layer, so the padding is read
+    here: one O(B * Lkv) reduction per forward (one host sync in eager mode, to keep the plain
+    path for unpadded batches) instead of a per-layer look at a 4-D mask.
 
-    First, whatever the mask: raises ``NotImplementedError`` unless the keys end where the
-    queries end, ``kv_offset + kv_length == q_offset + q_length`` (see :func:`_check_kv_extent`;
-    a StaticCache hands ``kv_length = max_cache_len`` with fewer tokens written).
+    First, a cache whose keys outnumber the tokens seen (a StaticCache not yet full:
+    ``kv_offset + kv_length > q_offset + q_length``, see :func:`_written_keys`): in eager
+    mode the result is the int32 ids of the *written* keys only (the attention function
+    drops the unwritten K/V slots, and the queries are then the last of its keys, so
+    bottom-right causality is exact); while traced by ``torch.compile`` the exact mask is
+    materialised (the dense path, e.g. decoding steps, applies it with SDPA; the sparse path
+    refuses it with a run-time assert); with a sliding-window or custom mask it raises.
 
     Returns ``None`` (plain bottom-right causal, which Prism applies itself) when the mask
-    function is the plain causal one and no key is padded; raises ``NotImplementedError`` when
-    a key is padded. Any other mask (sliding window, packed sequences, custom ``or``/``and``
+    function is the plain causal one and no key is padded; int32 ``(B, 1, 1, Lkv)`` document ids
+    (``-1``: padding) for padded keys (one document per row) or for packed sequences
+    (:func:`_packed_sequence_ids`). Any other mask (sliding window, custom ``or``/``and``
     masks) is materialised as transformers' SDPA boolean mask, which the attention function
     then checks (and rejects unless it is plain causal).
     """
-    _check_kv_extent(q_length, kv_length, q_offset, kv_offset)
+    written = _written_keys(q_length, kv_length, q_offset, kv_offset)
+    plain = mask_function is causal_mask_function and local_size is None
+    if written is not None:
+        # A StaticCache not full yet: keys past `written` are unwritten slots.
+        if isinstance(written, Tensor):
+            # Traced (torch.compile): the exact mask, materialised; decoding steps (the dense
+            # path) honour it with SDPA, the sparse path refuses it (a run-time assert).
+            if plain:
+                return sdpa_mask(
+                    batch_size=batch_size,
+                    q_length=q_length,
+                    kv_length=kv_length,
+                    q_offset=q_offset,
+                    kv_offset=kv_offset,
+                    mask_function=mask_function,
+                    attention_mask=attention_mask,
+                    allow_is_causal_skip=False,
+                    **{k: v for k, v in kwargs.items() if k != "allow_is_causal_skip"},
+                )
+        elif plain and kv_offset == 0:
+            # Eager: the ids of the written keys only; the attention drops the rest of K/V,
+            # and the queries are then the last of the keys it sees (bottom-right, exact).
+            keys = torch.ones((batch_size, written), dtype=torch.bool)
+            if attention_mask is not None:
+                keys = _covering(attention_mask[:, :written].bool(), written)
+            keys = keys.to(kwargs.get("device") or getattr(attention_mask, "device", "cpu"))
+            ids = torch.where(keys, 0, -1).to(torch.int32)
+            return _document_ids(ids, batch_size, written, num_docs=1)
+        else:
+            raise NotImplementedError(
+                f"{STATIC_CACHE_ERROR} (This forward: {kv_offset + kv_length} key positions, "
+                f"{written} tokens seen, with a sliding-window or custom mask.)"
+            )
+    packed = _packed_sequence_ids(mask_function)
+    if packed is not None and local_size is None and attention_mask is None:
+        # Packed sequences (position_ids restarting, no cache): the documents themselves.
+        ids = packed.to(torch.int32)
+        num = None if torch.compiler.is_compiling() else int(ids.max()) + 1  # once per forward
+        return _document_ids(ids, batch_size, kv_length, num_docs=num, padded=False)
     if mask_function is not causal_mask_function or local_size is not None:
+        kwargs.pop("allow_is_causal_skip", None)  # create_causal_mask passes it: ours wins
         return sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
@@ -188,19 +250,89 @@ def prism_mask(
         return None
     # The keys of this forward are positions kv_offset .. kv_offset + kv_length - 1 of the 2-D
     # mask; positions the mask does not cover (StaticCache slots not written yet) are masked.
-    keys = attention_mask[:, kv_offset : kv_offset + kv_length]
-    covered = keys.shape[-1] == kv_length
-    if torch.compiler.is_compiling():
-        # No data-dependent branching in a traced graph: assert at run time instead.
-        torch._assert_async(keys.bool().all() & covered, PADDING_ERROR)
+    keys = _covering(attention_mask[:, kv_offset : kv_offset + kv_length].bool(), kv_length)
+    if not torch.compiler.is_compiling() and bool(keys.all()):
+        return None  # no padding: the plain causal path (one host sync per forward)
+    # One document per row, -1 for padding (prism_flex.documents.Segments.ids).
+    ids = torch.where(keys, 0, -1).to(torch.int32)
+    return _document_ids(ids, batch_size, kv_length, num_docs=1)
+
+
+def _covering(keys: Tensor, length: int) -> Tensor:
+    """``keys`` (bool ``(B, n)``) extended to ``length`` columns; keys the 2-D mask does not
+    cover are padding."""
+    if keys.shape[-1] == length:
+        return keys
+    return torch.nn.functional.pad(keys, (0, length - keys.shape[-1]))
+
+
+def _document_ids(
+    ids: Tensor, batch_size: int, kv_length: int, num_docs=None, padded: bool = True
+) -> Tensor:
+    """The mask handed to the attention function for padding/documents: int32
+    ``(B, 1, 1, Lkv)``, each key's document ordinal in its row, -1 for padding.
+
+    Why 4-D: ``generate`` with a compileable cache builds the mask once
+    (``create_masks_for_generate``) and hands it back to the model's forward as
+    ``attention_mask``; transformers passes a 4-D mask through as already prepared, but
+    would read a 2-D one as a 0/1 padding mask. Int32 tells it from a user's 4-D mask (bool
+    or additive float: SDPA takes no integer mask).
+
+    Eagerly, the tensor also carries what this forward knows about it, for every layer to
+    reuse: ``_prism_num_docs`` (documents per row, so that no layer reads the ids back from
+    the device to count them) and ``_prism_padded`` (False: no key is padding)."""
+    out = ids.expand(batch_size, kv_length).contiguous()[:, None, None, :]
+    if not torch.compiler.is_compiling():
+        out._prism_num_docs = num_docs
+        out._prism_padded = padded
+    return out
+
+
+def _closure_vars(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def _is(fn, qualname: str) -> bool:
+    return (
+        getattr(fn, "__module__", None) == "transformers.masking_utils"
+        and getattr(fn, "__qualname__", None) == qualname
+    )
+
+
+def _packed_sequence_ids(mask_function) -> Optional[Tensor]:
+    """The ``packed_sequence_mask`` ``(B, L)`` (0, 1, ... per row: the document of each
+    token) when ``mask_function`` is exactly what ``create_causal_mask`` builds for packed
+    sequences (transformers 5.x: ``and_masks(remap_positions_for_packed_sequence(causal,
+    position_ids), packed_sequence_mask_function(packed_sequence_mask))``), else ``None``.
+
+    Why by structure: transformers hands the mask function only that closure, and its value
+    (the document-causal rule) is what Prism applies itself; any other composition (sliding
+    window, custom ``and``/``or`` masks) is not recognised and goes the checked way (the
+    materialised mask, rejected unless plain causal), never silently approximated.
+    """
+    if not _is(mask_function, "and_masks.<locals>.and_mask"):
         return None
-    if not covered or not bool(keys.bool().all()):
-        raise NotImplementedError(PADDING_ERROR)
-    return None
+    parts = _closure_vars(mask_function).get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    remap, packed = parts
+    if not _is(remap, "remap_positions_for_packed_sequence.<locals>.inner_mask"):
+        return None
+    if _closure_vars(remap).get("mask_function") is not causal_mask_function:
+        return None
+    if not _is(packed, "packed_sequence_mask_function.<locals>.inner_mask"):
+        return None
+    ids = _closure_vars(packed).get("packed_sequence_mask")
+    return ids if isinstance(ids, Tensor) and ids.dim() == 2 else None
 
 
-def _check_kv_extent(q_length, kv_length, q_offset, kv_offset) -> None:
-    """Raise unless the last key of this forward is the last query's own position.
+def _written_keys(q_length, kv_length, q_offset, kv_offset):
+    """``None`` when the last key of this forward is the last query's own position, else the
+    number of keys written so far (an int; a 0-d tensor while traced).
 
     transformers sizes the mask from the cache: the keys are positions ``kv_offset ..
     kv_offset + kv_length - 1`` and the queries ``q_offset .. q_offset + q_length - 1``, where
@@ -210,20 +342,59 @@ def _check_kv_extent(q_length, kv_length, q_offset, kv_offset) -> None:
     satisfies it; a ``StaticLayer`` reports ``kv_length = max_cache_len`` and breaks it until
     every slot is written. StaticLayer's ``q_offset`` is a 0-d tensor (its
     ``cumulative_length``): read once per forward in eager mode (one host sync, only for such
-    caches), asserted at run time under ``torch.compile``.
+    caches); while traced it stays a tensor (the mask is then materialised).
     """
     seen = q_offset + q_length
     end = kv_offset + kv_length
     if isinstance(seen, Tensor):
         if torch.compiler.is_compiling():
-            # No data-dependent branching in a traced graph: assert at run time instead.
-            torch._assert_async(seen == end, STATIC_CACHE_ERROR)
-            return
+            return seen
         seen = int(seen)
-    if seen != end:
+    if seen == end:
+        return None
+    if seen > end:
         raise NotImplementedError(
-            f"{STATIC_CACHE_ERROR} (This forward: {end} key positions, {seen} tokens seen.)"
+            f"prism attention: {seen} tokens seen but only {end} key positions in this forward"
         )
+    return seen
+
+
+def _is_4d(mask) -> bool:
+    return isinstance(mask, Tensor) and mask.dim() == 4
+
+
+def _dense_with_mask(query, key, value, mask, scale):
+    """SDPA with a model's 4-D mask (boolean or additive), native GQA."""
+    gqa = True if torch.compiler.is_compiling() else query.shape[1] != key.shape[1]
+    mask = mask[:, :, :, : key.shape[2]]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+
+
+def _is_document_ids(mask) -> bool:
+    """Whether the model's mask is the padding/document ids :func:`prism_mask` returns."""
+    return (
+        isinstance(mask, Tensor)
+        and mask.dim() == 4
+        and mask.dtype == torch.int32
+        and mask.shape[1] == mask.shape[2] == 1
+    )
+
+
+def _sliding_window_error(module, window) -> str:
+    layer = getattr(module, "layer_idx", None)
+    kind = getattr(module, "layer_type", None) or "sliding_attention"
+    config = getattr(module, "config", None)
+    model = getattr(config, "model_type", None) or type(module).__name__
+    return (
+        f"prism attention does not support sliding-window layers: layer {layer} of this "
+        f"{model} model is {kind!r} (config.layer_types) with sliding_window={window}, and "
+        "Prism selects blocks for full causal attention only. Workaround: if the checkpoint "
+        "does not need the window (Qwen2/Qwen2.5 ship use_sliding_window=False), load it "
+        "with that setting so every layer is 'full_attention' (e.g. from_pretrained(..., "
+        "use_sliding_window=False)); otherwise use attn_implementation='sdpa'."
+    )
 
 
 def _check_mask(mask, q_len: int, kv_len: int) -> None:
@@ -257,7 +428,8 @@ def _check_mask(mask, q_len: int, kv_len: int) -> None:
     want = torch.stack([want, torch.ones_like(want)])  # (2, Lkv): first and last row
     ok = torch.where(want, visible, blocked).all()
     if torch.compiler.is_compiling():
-        torch._assert_async(ok, PADDING_ERROR)
+        # Traced, a StaticCache's unwritten slots arrive here too (prism_mask materialises them).
+        torch._assert_async(ok, f"{PADDING_ERROR} With a StaticCache: {STATIC_CACHE_ERROR}")
         return
     if not bool(ok):
         raise NotImplementedError(PADDING_ERROR)
@@ -287,25 +459,55 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         if dropout:
             raise NotImplementedError("prism attention is inference only: attention dropout > 0")
         if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError(
-                "prism attention does not support sliding-window layers "
-                f"(sliding_window={kwargs['sliding_window']})"
-            )
+            raise NotImplementedError(_sliding_window_error(module, kwargs["sliding_window"]))
         if kwargs.get("softcap") is not None:
             raise NotImplementedError("prism attention does not support logit softcapping")
         if kwargs.get("output_attentions", False):
             raise NotImplementedError(
                 "prism attention does not return attention weights (output_attentions=True)"
             )
-        _check_mask(attention_mask, query.shape[2], key.shape[2])
+        segments = None
+        if _is_document_ids(attention_mask):
+            # Padding / packed documents, from prism_mask (one tensor per forward).
+            num_docs = getattr(attention_mask, "_prism_num_docs", None)
+            padded = getattr(attention_mask, "_prism_padded", True)
+            attention_mask = attention_mask[:, 0, 0]
+            written = attention_mask.shape[1]
+            if attention_mask.shape[0] != query.shape[0] or not (
+                query.shape[2] <= written <= key.shape[2]
+            ):
+                raise NotImplementedError(
+                    f"prism attention: the padding/document mask has shape "
+                    f"{tuple(attention_mask.shape)}, expected (batch, written keys) with "
+                    f"batch {query.shape[0]} and {query.shape[2]} <= written <= {key.shape[2]}"
+                )
+            if written < key.shape[2]:
+                # A StaticCache: only the written keys (prism_mask, eager).
+                key = key[:, :, : attention_mask.shape[1]]
+                value = value[:, :, : attention_mask.shape[1]]
+            segments = Segments(attention_mask, num_docs, padded)
+        elif _is_4d(attention_mask) and takes_dense_path(query, key, value, cfg):
+            # The dense path is SDPA: any mask is exact there (a compiled StaticCache decode
+            # step, a user's 4-D mask).
+            check_inputs(query, key, value)
+            out = _dense_with_mask(query, key, value, attention_mask, scaling)
+            if recorders := _active_recorders():
+                ones = torch.ones(query.shape[:2], device=query.device)
+                for recorder in recorders:
+                    recorder._add(module, query.shape[2], key.shape[2], ones, True)
+            return out.transpose(1, 2).contiguous(), None
+        else:
+            _check_mask(attention_mask, query.shape[2], key.shape[2])
+        check_inputs(query, key, value)
+        cfg.band_dims(query.shape[-1])
         recorders = _active_recorders()
         # K/V keep their Hkv heads: prism_attention does GQA natively (no repeat_kv).
-        if not recorders:
-            out = prism_attention(query, key, value, cfg, scale=scaling, compiled=compiled)
-        else:
-            out, density = prism_attention(
-                query, key, value, cfg, scale=scaling, return_density=True, compiled=compiled
-            )
+        # The density only while recording (the dense path's host time: bench/NOTES.md).
+        out = attention_with_segments(
+            query, key, value, cfg, scaling, bool(recorders), compiled, segments
+        )
+        if recorders:
+            out, density = out
             dense, density = takes_dense_path(query, key, value, cfg), density.detach()
             for recorder in recorders:
                 recorder._add(module, query.shape[2], key.shape[2], density, dense)
