@@ -270,8 +270,8 @@ def dense_causal_attention(
 ) -> Tensor:
     """Dense causal attention with bottom-right alignment (queries are the last Lq positions).
 
-    Shapes as :func:`prism_attention`. SDPA with native GQA (no repeated K/V), cuDNN first
-    where it takes the inputs. Differentiable.
+    Shapes as :func:`prism_attention`. SDPA with native GQA (no repeated K/V), its backend as
+    torch picks it (cuDNN on torch 2.11 with Hopper). Differentiable.
     """
     check_inputs(q, k, v)
     return pipeline.dense_attention(q, k, v, scale, Mode.at_entry(compiled=True))

@@ -122,7 +122,7 @@ class PrismConfig:
             prefill chunks), where selection cannot pay for itself. ``0``: no such floor.
         sparse_min_flops: calls whose dense causal attention costs fewer FLOPs than this
             (:func:`causal_attention_flops`: ``4 * B * Hq * D`` per visible query-key pair)
-            run dense attention (SDPA, cuDNN first): Prism's selection has a cost of its own
+            run dense attention (plain SDPA): Prism's selection has a cost of its own
             (host time, pooling, scoring) that a small attention cannot repay. The rule is
             :meth:`runs_dense`; work rather than a length, because the saving grows with
             heads x head dim x length^2. Default 6e11, from the H200 (torch 2.11, one run
