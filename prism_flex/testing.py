@@ -215,17 +215,21 @@ def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Ten
     return sel, margin
 
 
-def attention(q, k, v, block_table, block_size: int, scale=None, dtype=torch.float64):
+def attention(
+    q, k, v, block_table, block_size: int, scale=None, dtype=torch.float64, token_mask=None
+):
     """Softmax attention over real tokens of the selected blocks, with the causal rule.
 
-    ``block_table``: bool ``(B, Hq, Nq, Nk)``. Query rows that see no key return 0.
+    ``block_table``: bool ``(B, Hq, Nq, Nk)``. ``token_mask``: bool ``(B, Lq, Lkv)``, the token
+    rule (default: bottom-right causal, for every row). Query rows that see no key return 0.
     Computed in ``dtype`` (float64 for the reference; the input dtype to measure the error
     of the same computation done at lower precision).
     """
     b, hq, lq, d = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    tok = causal_token_mask(lq, lkv)
+    if token_mask is None:
+        token_mask = causal_token_mask(lq, lkv).expand(b, lq, lkv)
     out = torch.zeros(b, hq, lq, d, dtype=dtype)
     for bi in range(b):
         for h in range(hq):
@@ -233,7 +237,7 @@ def attention(q, k, v, block_table, block_size: int, scale=None, dtype=torch.flo
             table = (
                 block_table[bi, h].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
             )
-            mask = tok & table[:lq, :lkv]
+            mask = token_mask[bi] & table[:lq, :lkv]
             scores = (q[bi, h].to(dtype) @ k[bi, kh].to(dtype).T) * scale
             scores = scores.masked_fill(~mask, -math.inf)
             p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -499,20 +503,5 @@ def _document_fine(q, k, row_ids, config: PrismConfig) -> dict:
 def document_attention(q, k, v, ids, block_table, block_size: int, scale=None, dtype=torch.float64):
     """:func:`attention` with the document/padding token rule: softmax over the keys of the
     selected blocks that the rule allows; query rows that see none return 0."""
-    b, hq, lq, d = q.shape
-    hkv, lkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    tok = document_token_mask(ids, lq)
-    out = torch.zeros(b, hq, lq, d, dtype=dtype)
-    for bi in range(b):
-        for h in range(hq):
-            kh = h // (hq // hkv)
-            table = (
-                block_table[bi, h].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-            )
-            mask = tok[bi] & table[:lq, :lkv]
-            scores = (q[bi, h].to(dtype) @ k[bi, kh].to(dtype).T) * scale
-            scores = scores.masked_fill(~mask, -math.inf)
-            p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            out[bi, h] = p @ v[bi, kh].to(dtype)
-    return out
+    tok = document_token_mask(ids, q.shape[2])
+    return attention(q, k, v, block_table, block_size, scale, dtype, token_mask=tok)

@@ -201,17 +201,10 @@ def prism_mask(
             # Traced (torch.compile): the exact mask, materialised; decoding steps (the dense
             # path) honour it with SDPA, the sparse path refuses it (a run-time assert).
             if plain:
-                return sdpa_mask(
-                    batch_size=batch_size,
-                    q_length=q_length,
-                    kv_length=kv_length,
-                    q_offset=q_offset,
-                    kv_offset=kv_offset,
-                    mask_function=mask_function,
-                    attention_mask=attention_mask,
-                    allow_is_causal_skip=False,
-                    **{k: v for k, v in kwargs.items() if k != "allow_is_causal_skip"},
-                )
+                return _materialised(
+                    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                    attention_mask, None, kwargs,
+                )  # fmt: skip
         elif plain and kv_offset == 0:
             # Eager: the ids of the written keys only; the attention drops the rest of K/V,
             # and the queries are then the last of the keys it sees (bottom-right, exact).
@@ -233,19 +226,10 @@ def prism_mask(
         num = None if torch.compiler.is_compiling() else int(ids.max()) + 1  # once per forward
         return _document_ids(ids, batch_size, kv_length, num_docs=num, padded=False)
     if mask_function is not causal_mask_function or local_size is not None:
-        kwargs.pop("allow_is_causal_skip", None)  # create_causal_mask passes it: ours wins
-        return sdpa_mask(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            local_size=local_size,
-            allow_is_causal_skip=False,
-            **kwargs,
-        )
+        return _materialised(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+            local_size, kwargs,
+        )  # fmt: skip
     if attention_mask is None:
         return None
     # The keys of this forward are positions kv_offset .. kv_offset + kv_length - 1 of the 2-D
@@ -256,6 +240,27 @@ def prism_mask(
     # One document per row, -1 for padding (prism_flex.documents.Segments.ids).
     ids = torch.where(keys, 0, -1).to(torch.int32)
     return _document_ids(ids, batch_size, kv_length, num_docs=1)
+
+
+def _materialised(
+    batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+    local_size, kwargs,
+) -> Tensor:  # fmt: skip
+    """transformers' SDPA boolean mask for these arguments (never skipped as plain causal)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "allow_is_causal_skip"}  # ours wins
+    if local_size is not None:
+        kwargs["local_size"] = local_size
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        **kwargs,
+    )
 
 
 def _covering(keys: Tensor, length: int) -> Tensor:
