@@ -120,8 +120,8 @@ class PrismConfig:
         rope_layout: how the RoPE pairs are laid out in the head dim, one of ``ROPE_LAYOUTS``.
         dense_below: query lengths below this use dense causal attention (decoding, short
             prefill chunks), where selection cannot pay for itself. ``0``: no such floor.
-        sparse_min_flops: calls whose dense causal attention costs fewer FLOPs than this
-            (:func:`causal_attention_flops`: ``4 * B * Hq * D`` per visible query-key pair)
+        sparse_min_flops: calls whose dense causal attention costs fewer FLOPs than this per
+            row (:func:`causal_attention_flops`: ``4 * Hq * D`` per visible query-key pair)
             run dense attention (plain SDPA): Prism's selection has a cost of its own
             (host time, pooling, scoring) that a small attention cannot repay. The rule is
             :meth:`runs_dense`; work rather than a length, because the saving grows with
@@ -236,11 +236,17 @@ class PrismConfig:
 
     def runs_dense(self, q_shape, kv_len: int) -> bool:
         """Whether a call with q of shape ``(B, Hq, Lq, D)`` runs dense attention: ``Lq <
-        dense_below``, or its dense causal attention costs fewer than ``sparse_min_flops``."""
-        batch, heads, q_len, head_dim = q_shape
+        dense_below``, or the dense causal attention of one row costs fewer than
+        ``sparse_min_flops``.
+
+        Per row, not per call: the selection's own cost grows with the rows too (a compiled
+        batch runs row by row), so a batch of short rows gains nothing a single short row
+        does not (8 rows of Qwen2.5-0.5B at 8K tokens would otherwise pass 6e11 and run the
+        selection that loses 27 % on one row)."""
+        _, heads, q_len, head_dim = q_shape
         if q_len < self.dense_below:
             return True
-        return causal_attention_flops(batch, heads, q_len, kv_len, head_dim) < self.sparse_min_flops
+        return causal_attention_flops(1, heads, q_len, kv_len, head_dim) < self.sparse_min_flops
 
     @classmethod
     def from_fields(cls, fields, **overrides) -> "PrismConfig":

@@ -110,3 +110,13 @@ def test_from_fields_reads_literals_and_strings():
     for bad in (["block_size"], ["no_such_field=1"], ["block_size=7"]):
         with pytest.raises(ValueError):
             PrismConfig.from_fields(bad)
+
+
+def test_the_size_rule_counts_one_row():
+    """A batch of rows too short to pay for the selection runs dense like one such row."""
+    cfg = PrismConfig()
+    one_8k = (1, 14, 8192, 64)  # Qwen2.5-0.5B heads: 1.2e11 FLOPs per row
+    assert cfg.runs_dense(one_8k, 8192)
+    assert cfg.runs_dense((8, 14, 8192, 64), 8192)
+    assert not cfg.runs_dense((1, 32, 32768, 128), 32768)
+    assert not PrismConfig(sparse_min_flops=0).runs_dense((8, 14, 8192, 64), 8192)
