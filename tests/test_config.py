@@ -110,3 +110,25 @@ def test_from_fields_reads_literals_and_strings():
     for bad in (["block_size"], ["no_such_field=1"], ["block_size=7"]):
         with pytest.raises(ValueError):
             PrismConfig.from_fields(bad)
+
+
+@pytest.mark.parametrize("name", ["accurate", "balanced", "fast"])
+def test_presets_are_valid_configs(name):
+    from prism_flex.config import PRESETS
+
+    cfg = PrismConfig.preset(name)
+    assert isinstance(cfg, PrismConfig)
+    assert PrismConfig.from_json(cfg.to_json()) == cfg
+    assert set(PRESETS) == {"accurate", "balanced", "fast"}
+
+
+def test_presets_order_and_overrides():
+    accurate, balanced, fast = (PrismConfig.preset(n) for n in ("accurate", "balanced", "fast"))
+    assert accurate == PrismConfig()
+    assert accurate.high_threshold > balanced.high_threshold > fast.high_threshold
+    assert PrismConfig.preset("fast", block_size=64).block_size == 64
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match="accurate.*balanced.*fast"):
+        PrismConfig.preset("fastest")
