@@ -19,7 +19,8 @@ implementation of the rule, not of the peers' own kernels (bench/ for those).
 Per job: perplexity of the text's first L tokens (``ppl``), then ``--samples`` prompts of L
 tokens per retrieval task (``needle``: pass key; ``multikey``, ``vartrack``: eval/ruler.py;
 depths evenly spaced in [0, 0.9]), greedy answers; the density is the mean over layers of
-the perplexity forward (recorded by re-running the selection eagerly, untimed); then the
+the perplexity forward (recorded by re-running the selection eagerly, untimed; without
+``ppl``, of the retrieval prompts); then the
 prefill time with bench/ttft.py's functions (``ttft.run_row``: batch 1, the whole model,
 ``logits_to_keep=1``, KV cache written, one first call (compiles), ``--warmup`` untimed calls,
 ``--reps`` timed calls with CUDA events; median reported). The JSON (``--out``) is written
@@ -220,6 +221,9 @@ def run_job(args, model, tok, text, ids, method, setting, device) -> dict:
         if "ppl" in args.tasks:
             row["ppl"] = accuracy.perplexity(model, ids)
             row["density"] = accuracy.mean_density(densities)
+            if method != "dense":
+                # the density is known: the retrieval prompts skip its (eager) recording
+                model.set_attn_implementation(timed_name(model))
         for task in args.tasks:
             if task != "ppl":
                 row[task], row[f"{task}_scores"] = retrieval(task, args, model, tok, text, device)
@@ -231,7 +235,8 @@ def run_job(args, model, tok, text, ids, method, setting, device) -> dict:
             if method == "dense":
                 timing = ttft.run_row(model, ids, "sdpa_cudnn", args, device)
             else:
-                model.set_attn_implementation(timed_name(model))
+                if not model.config._attn_implementation.endswith("_timed"):
+                    model.set_attn_implementation(timed_name(model))
                 timing = ttft.run_row(model, ids, method, args, device)
             row.update({f"time_{k}": v for k, v in timing.items()})
             row["time_seconds"] = time.time() - t1
