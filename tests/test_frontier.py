@@ -65,3 +65,12 @@ def test_job_list():
     for bad in (["nope:1"], ["prism"], ["dense:0.5"]):
         with pytest.raises(SystemExit):
             frontier.job_list(frontier.parse_args(["--device", "cpu", "--jobs", *bad]))
+
+
+def test_accuracy_methods_of_the_frontier():
+    from eval import accuracy
+
+    cfg = accuracy.prism_cfg("prism_rel", 0.1, 64, 128)
+    assert cfg.relative_cut == 0.1 and cfg.high_threshold == 0.95 and cfg.local_blocks == 1
+    assert accuracy.prism_cfg("prism_local", 0.9, 64, 128).relative_cut is None
+    assert {"flashprefill", "prism_rel"} <= set(accuracy.SPARSE)
