@@ -183,21 +183,23 @@ def depths(n: int) -> list[float]:
     return [round(0.9 * i / max(1, n - 1), 4) for i in range(n)]
 
 
-def retrieval(task, args, model, tok, text, device) -> tuple[float, list]:
-    """Mean score of ``task`` over ``args.samples`` prompts, and the per-prompt scores."""
+def retrieval(task, args, model, tok, text, device) -> tuple[float, list, list]:
+    """Mean score of ``task`` over ``args.samples`` prompts, the per-prompt scores and the
+    generated answers."""
     from eval.needle import is_correct, make_key, make_prompt
 
     ds = depths(args.samples)
     if task == "needle":
-        scores = []
+        scores, generated = [], []
         for i, d in enumerate(ds):
             key = make_key(args.seed, i)
             ids = torch.tensor([make_prompt(tok, text, args.length, d, key)], device=device)
-            scores.append(float(is_correct(accuracy.generate_text(model, tok, ids, 8), key)))
+            generated.append(accuracy.generate_text(model, tok, ids, 8))
+            scores.append(float(is_correct(generated[-1], key)))
     else:
         samples = accuracy.ruler_samples(task, tok, text, args.length, ds, args.seed)
-        scores, _ = accuracy.score_samples(task, model, tok, samples, device)
-    return sum(scores) / len(scores), scores
+        scores, generated = accuracy.score_samples(task, model, tok, samples, device)
+    return sum(scores) / len(scores), scores, generated
 
 
 def timed_name(model) -> str:
@@ -226,7 +228,12 @@ def run_job(args, model, tok, text, ids, method, setting, device) -> dict:
                 model.set_attn_implementation(timed_name(model))
         for task in args.tasks:
             if task != "ppl":
-                row[task], row[f"{task}_scores"] = retrieval(task, args, model, tok, text, device)
+                value, scores, generated = retrieval(task, args, model, tok, text, device)
+                row[task], row[f"{task}_scores"], row[f"{task}_generated"] = (
+                    value,
+                    scores,
+                    generated,
+                )
         if "density" not in row:
             row["density"] = accuracy.mean_density(densities)
         row["accuracy_seconds"] = time.time() - t0
