@@ -67,7 +67,7 @@ from eval import accuracy
 FULL = {
     "dense": [None],
     "prism": [0.7, 0.8, 0.9, 0.95, 0.97],
-    "prism_rel": [0.02, 0.05, 0.1, 0.2],
+    "prism_rel": [0.01, 0.02, 0.05, 0.1],
     "xattn_local": [0.9, 0.95],
     "flashprefill": [0.05, 0.1, 0.18],
 }
@@ -75,7 +75,7 @@ FULL = {
 QUICK = {
     "dense": [None],
     "prism": [0.9, 0.95],
-    "prism_rel": [0.05, 0.1],
+    "prism_rel": [0.02, 0.05],
     "xattn_local": [0.9],
     "flashprefill": [0.05],
 }
