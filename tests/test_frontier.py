@@ -74,3 +74,19 @@ def test_accuracy_methods_of_the_frontier():
     assert cfg.relative_cut == 0.1 and cfg.high_threshold == 0.95 and cfg.local_blocks == 1
     assert accuracy.prism_cfg("prism_local", 0.9, 64, 128).relative_cut is None
     assert {"flashprefill", "prism_rel"} <= set(accuracy.SPARSE)
+
+
+def test_plot_from_saved_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eval import frontier
+
+    rows = [
+        dict(L=1024, method="dense", setting=None, ppl=10.0, time_median_ms=5.0),
+        dict(L=1024, method="prism", setting=0.9, ppl=10.5, time_median_ms=3.0),
+        dict(L=1024, method="prism", setting=0.8, ppl=11.0, time_median_ms=2.0),
+        dict(L=2048, method="flashprefill", setting=0.05, ppl=12.0, time_median_ms=4.0),
+    ]
+    saved = tmp_path / "a.json"
+    saved.write_text(json.dumps(dict(meta={}, rows=rows)))
+    frontier.main(["--plot-only", str(saved), "--out", str(tmp_path / "fig.json")])
+    assert (tmp_path / "fig.png").stat().st_size > 0
