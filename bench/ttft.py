@@ -96,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-density", action="store_true", help="skip prism's density forward")
     p.add_argument(
+        "--rope-scaling",
+        default=None,
+        metavar="yarn:FACTOR[:ORIGINAL]",
+        help="RoPE scaling of the loaded model (eval/rope.py), e.g. yarn:4",
+    )
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep --out's rows of other (model, method, length) cases",
@@ -432,6 +438,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
     model, tok = load_model(args, device)
+    if args.rope_scaling:
+        from eval.rope import apply_rope_scaling
+
+        apply_rope_scaling(model, args.rope_scaling)
     if any(m.startswith("prism") for m in args.methods):
         register_prism(device)
     # One sequence of the longest length; each length takes its first L tokens.

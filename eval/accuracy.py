@@ -15,6 +15,11 @@ Tasks:
   the depths, density = mean prefill block density (1.0 for dense). Rows add ``depths``,
   ``keys``, ``correct`` and ``generated``.
 
+- ``multikey``, ``vartrack``: harder retrieval (eval/ruler.py): several keys hidden with one
+  asked, and variable tracking through chains of assignments; ``--depths`` gives one prompt
+  per depth (the asked key's, the asked chain's start); value = mean score (exact match of
+  the asked number; share of the chain's variables named), rows as for ``needle``.
+
 Methods: ``dense``, ``prism``, ``prism_nocal``, ``meanpool``, ``xattn``, ``oracle`` (recall
 only); see eval/estimators.py. ``prism`` is the paper's method (``dense_final_blocks=0``,
 ``final_block_pool=0``); ``prism_last`` is Prism with ``dense_final_blocks=1`` (the last query
@@ -31,7 +36,11 @@ block also takes the top-p of a 16-token sub-block scoring, the cheap alternativ
 overrides its fields, recorded as ``fit`` in the JSON; ``--fit local_blocks=0`` gives the
 runs made before 2026-12-01). ``prism_local``: ``prism_finelast`` with ``local_blocks=1``,
 **the library default since 2026-12-01**. ``xattn_local``: ``xattn`` with the same local
-block (``local_blocks=1``), to see whether the peer gains from it too. ``meanvar``, ``tcal``,
+block (``local_blocks=1``), to see whether the peer gains from it too. ``flashprefill``: the
+FlashPrefill-style rule (:func:`eval.estimators.flashprefill_table`), the threshold being its
+``alpha``. ``prism_rel``: the library default with ``relative_cut`` = the threshold (the
+sort-free cut at that fraction of each band row's maximum; top-p 0.95 for the last block's
+finer row). ``meanvar``, ``tcal``,
 ``pcal`` and ``ecal``: the budget experiments of ``eval.gap``
 (:func:`eval.estimators.meanvar_table`, :func:`eval.estimators.tcal_table`,
 :func:`eval.estimators.pcal_table`, :func:`eval.estimators.ecal_table`; ``ecal`` uses V, so
@@ -86,6 +95,8 @@ SPARSE = (
     "prism_fit",
     "prism_local",
     "xattn_local",
+    "flashprefill",
+    "prism_rel",
 )
 # recall only (no attention function registered for them): estimator experiments
 RECALL_ONLY = ("subpool_q32", "subpool_q16")
@@ -96,9 +107,12 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
 
 
-def load_model(name: str, device: str):
+def load_model(name: str, device: str, rope_scaling=None):
+    """``(tokenizer, model)`` of a GGUF model (prism_flex.data.models), eval mode, with the
+    RoPE scaling ``rope_scaling`` (eval/rope.py, e.g. ``"yarn:4"``) applied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eval.rope import apply_rope_scaling
     from prism_flex.data.models import fetch
 
     path = Path(fetch(name))
@@ -109,7 +123,9 @@ def load_model(name: str, device: str):
         attn_implementation="sdpa",
         dtype=torch.float32 if device == "cpu" else torch.bfloat16,
     )
-    return tok, model.to(device).eval()
+    model = model.to(device).eval()
+    apply_rope_scaling(model, rope_scaling)
+    return tok, model
 
 
 def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismConfig:
@@ -143,6 +159,15 @@ def prism_cfg(method: str, thr: float, head_dim: int, bs: int, fit=()) -> PrismC
         return dataclasses.replace(cfg, final_block_pool=16)
     if method == "prism_local":  # the library default
         return dataclasses.replace(cfg, final_block_pool=16, local_blocks=1)
+    if method == "prism_rel":  # the library default, cut at thr x each band row's maximum
+        return dataclasses.replace(
+            cfg,
+            final_block_pool=16,
+            local_blocks=1,
+            high_threshold=0.95,
+            low_threshold=0.95,
+            relative_cut=thr,
+        )
     if method == "prism_l0dense":  # Prism, and layer 0 dense (register_method)
         return cfg
     raise ValueError(method)
@@ -156,6 +181,8 @@ BUDGET = {"meanvar": E.meanvar_table, "tcal": E.tcal_table, "pcal": E.pcal_table
 def method_table(method, q, k, thr, bs, stride, v=None, fit=()):
     if method in ("xattn", "xattn_local"):
         return E.xattn_table(q, k, thr, bs, stride, local_blocks=int(method == "xattn_local"))
+    if method == "flashprefill":
+        return E.flashprefill_table(q, k, thr, bs)
     if method in SUBPOOL:
         return E.subpool_table(q, k, thr, bs, *SUBPOOL[method])
     if method in BUDGET:
@@ -303,6 +330,7 @@ def _with_density(fn, densities, table_fn, bs, dense_below=1024, dense_layers=()
             densities.append(float(E.density(t, query.shape[2], key.shape[2], bs).mean()))
         return fn(module, query, key, value, attention_mask, **kwargs)
 
+    wrapped.unwrapped = fn  # eval/frontier.py times the attention without the recording
     return wrapped
 
 
@@ -317,7 +345,8 @@ def register_method(method, thr, head_dim, args, densities) -> str:
 
     # a fresh name per call: the wrapper below replaces what register() put under the name,
     # so a name is never registered twice (ppl and needle, or several lengths, in one run)
-    name = f"acc_{method}_{thr}_{next(_NAMES)}"
+    # ("flash" nowhere in it: transformers takes such names for flash-attention kernels)
+    name = f"acc_{method.replace('flash', 'f')}_{thr}_{next(_NAMES)}"
     bs = args.block_size
     if method in ("xattn", "xattn_local"):
         E.register_xattn(
@@ -327,6 +356,15 @@ def register_method(method, thr, head_dim, args, densities) -> str:
             block_size=bs,
             stride=args.stride,
             local_blocks=int(method == "xattn_local"),
+        )
+    elif method == "flashprefill":
+        E.register_table_method(
+            name,
+            E.make_table_attention_function(
+                lambda q, k, scale: E.flashprefill_table(q, k, thr, bs, scale=scale),
+                bs,
+                compiled=not args.eager,
+            ),
         )
     elif method in SUBPOOL:
         q_sub, k_sub = SUBPOOL[method]
@@ -434,6 +472,80 @@ def run_ppl(args, model, ids, L, rows):
 # needle (pass key retrieval)
 
 
+def generate_text(model, tok, ids, new_tokens: int) -> str:
+    """Greedy continuation of ``ids`` (``(1, L)``, on the model's device), decoded."""
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+
+def ruler_samples(task: str, tok, text: str, L: int, depths, seed: int) -> list:
+    """The prompts of ``task`` (eval/ruler.py) at length ``L``: one per depth."""
+    from eval.ruler import TASKS
+
+    return [TASKS[task].make(tok, text, L, seed, i, d) for i, d in enumerate(depths)]
+
+
+def score_samples(task: str, model, tok, samples, device, new_tokens=None) -> tuple[list, list]:
+    """``(scores, generated)`` of the model's greedy answers to ``samples``."""
+    from eval.ruler import TASKS
+
+    spec = TASKS[task]
+    scores, generated = [], []
+    for sample in samples:
+        ids = torch.tensor([sample.ids], device=device)
+        gen = generate_text(model, tok, ids, new_tokens or spec.new_tokens)
+        generated.append(gen)
+        scores.append(spec.score(gen, sample))
+    return scores, generated
+
+
+def run_ruler(args, model, tok, text, L, rows, task):
+    """``multikey`` / ``vartrack`` rows (eval/ruler.py), one per job, as ``run_needle``."""
+    samples = ruler_samples(task, tok, text, L, args.depths, args.seed)
+    jobs = _jobs(args)
+    for i, (method, thr) in enumerate(jobs):
+        if _done(rows, task, L, method, thr):
+            log(f"{task} L={L} {method} thr={thr}: already in {args.out}, skipped (--resume)")
+            continue
+        _progress(task, L, i, jobs, method, thr)
+        t0 = time.time()
+        with attention_method(model, method, thr, args) as densities:
+            scores, generated = score_samples(task, model, tok, samples, args.device)
+        dens = mean_density(densities)
+        value = sum(scores) / len(scores)
+        rows.append(
+            dict(
+                model=args.model,
+                task=task,
+                L=L,
+                method=method,
+                density=dens,
+                value=value,
+                threshold=thr,
+                layer="mean",
+                depths=list(args.depths),
+                answers=[s.answers for s in samples],
+                scores=scores,
+                generated=generated,
+            )
+        )
+        log(
+            f"{task} L={L} {method} thr={thr}: score {value:.3f} density {dens:.3f} "
+            f"({time.time() - t0:.1f}s)"
+        )
+
+
 def run_needle(args, model, tok, text, L, rows):
     from eval.needle import is_correct, make_key, make_prompt
 
@@ -442,7 +554,6 @@ def run_needle(args, model, tok, text, L, rows):
         torch.tensor([make_prompt(tok, text, L, d, k)], device=args.device)
         for d, k in zip(args.depths, keys)
     ]
-    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     jobs = _jobs(args)
     for i, (method, thr) in enumerate(jobs):
         if _done(rows, "needle", L, method, thr):
@@ -454,18 +565,7 @@ def run_needle(args, model, tok, text, L, rows):
         with attention_method(model, method, thr, args) as densities:
             for depth, key, ids in zip(args.depths, keys, prompts):
                 t1 = time.time()
-                with torch.no_grad():
-                    out = model.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=args.new_tokens,
-                        do_sample=False,
-                        pad_token_id=pad,
-                        temperature=None,
-                        top_p=None,
-                        top_k=None,
-                    )
-                gen = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+                gen = generate_text(model, tok, ids, args.new_tokens)
                 generated.append(gen)
                 correct.append(is_correct(gen, key))
                 log(
@@ -523,6 +623,7 @@ def save(args, rows):
                 "text": args.text,
                 "device": args.device,
                 "fit": args.fit,
+                "rope_scaling": args.rope_scaling,
                 "rows": rows,
             },
             f,
@@ -538,7 +639,10 @@ def main(argv=None):
     p.add_argument("--text", default="austen:emma")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
     p.add_argument(
-        "--tasks", nargs="+", default=["recall", "ppl"], choices=["recall", "ppl", "needle"]
+        "--tasks",
+        nargs="+",
+        default=["recall", "ppl"],
+        choices=["recall", "ppl", "needle", "multikey", "vartrack"],
     )
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95])
@@ -567,6 +671,13 @@ def main(argv=None):
         help="prism_fit: PrismConfig overrides, e.g. fit_tokens=128",
     )
     p.add_argument("--stride", type=int, default=8, help="xattn antidiagonal stride")
+    p.add_argument(
+        "--rope-scaling",
+        default=None,
+        metavar="yarn:FACTOR[:ORIGINAL]",
+        help="RoPE scaling of the loaded model (eval/rope.py), e.g. yarn:4 for 64K-128K on "
+        "Qwen2.5 (original length 32768)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--eager",
@@ -587,7 +698,7 @@ def main(argv=None):
     from prism_flex.data.texts import load_text
 
     t0 = time.time()
-    tok, model = load_model(args.model, args.device)
+    tok, model = load_model(args.model, args.device, args.rope_scaling)
     log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     text = load_text(args.text)
     all_ids = tok(text, return_tensors="pt").input_ids
@@ -611,6 +722,10 @@ def main(argv=None):
         if "needle" in args.tasks:
             run_needle(args, model, tok, text, L, rows)
             save(args, rows)
+        for task in ("multikey", "vartrack"):
+            if task in args.tasks:
+                run_ruler(args, model, tok, text, L, rows, task)
+                save(args, rows)
     print(format_table(rows))
 
 

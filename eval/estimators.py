@@ -16,7 +16,10 @@ Methods:
 - ``xattn``: an XAttention-style antidiagonal estimator (:func:`xattn_table`), written from the
   method's description;
 - ``oracle``: the true block attention mass, the best blocks per head at a given count
-  (:func:`oracle_table`).
+  (:func:`oracle_table`);
+- ``flashprefill``: a FlashPrefill-style rule (arXiv 2603.06199), written from the method's
+  published facts only (:func:`flashprefill_table`): keep the blocks scoring at least
+  ``alpha`` x the row's maximum, 2 sink blocks, 4 local blocks, the last 2 query blocks dense.
 
 Metrics: :func:`block_mass` (token-level causal softmax summed per block, chunked over query
 blocks) and :func:`recall` (share of the true attention mass inside the selected blocks).
@@ -35,7 +38,7 @@ from torch import Tensor
 from prism_flex import PrismConfig, prism_block_mask, sparse_attention
 from prism_flex.block_mask import block_mask_from_tables, compact_blocks
 from prism_flex.scoring import causal_block_geometry, local_blocks_table, pool_blocks
-from prism_flex.selection import combine_selection, top_p_select
+from prism_flex.selection import combine_selection, relative_select, top_p_select
 
 __all__ = [
     "geometry",
@@ -51,6 +54,8 @@ __all__ = [
     "xattn_table",
     "subpool_block_probs",
     "subpool_table",
+    "flashprefill_block_probs",
+    "flashprefill_table",
     "block_mass",
     "oracle_table",
     "recall_from_mass",
@@ -286,6 +291,60 @@ def local_table(q_len: int, kv_len: int, bs: int, local_blocks: int, device) -> 
     blocks (:func:`prism_flex.scoring.local_blocks_table`)."""
     rows = torch.arange(_num_blocks(q_len, bs), device=device)
     return local_blocks_table(rows, _num_blocks(kv_len, bs), q_len, kv_len, bs, local_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashPrefill-style max-relative selection (arXiv 2603.06199), from the method's facts only
+
+
+def flashprefill_block_probs(
+    q: Tensor, k: Tensor, block_size: int = 128, *, scale: Optional[float] = None
+) -> Tensor:
+    """Block scores of the FlashPrefill-style estimator, float32 ``(B, Hq, Nq, Nk)``.
+
+    The plainest block score (the paper's exact score could not be checked here; our choice,
+    recorded in docs/accuracy.md): the mean-pooled query block against the mean-pooled key
+    block, ``scale * q̄ · k̄`` (``scale = 1/sqrt(D)``), softmax over the causally visible key
+    blocks of the row (bottom-right alignment). The cut only compares a block with its row's
+    maximum, so the softmax's normaliser cancels: only the scale (the temperature) matters.
+    Visible blocks only; invisible ones are 0."""
+    b, hq, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qp, kp = pool_blocks(q, block_size), pool_blocks(k, block_size)
+    logits = _gqa_matmul(qp, kp) * scale
+    allowed, _ = geometry(q_len, kv_len, block_size, q.device)
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def flashprefill_table(
+    q: Tensor,
+    k: Tensor,
+    alpha: float = 0.05,
+    block_size: int = 128,
+    *,
+    scale: Optional[float] = None,
+    sink_blocks: int = 2,
+    local_blocks: int = 4,
+    dense_last: int = 2,
+) -> Tensor:
+    """FlashPrefill-style selection, bool ``(B, Hq, Nq, Nk)``: per query block, the key
+    blocks whose score (:func:`flashprefill_block_probs`) is at least ``alpha`` times the
+    row's maximum (no sort, no cumulative sum), plus the first ``sink_blocks`` key blocks, a
+    local window of ``local_blocks`` key blocks ending at the causal diagonal (the diagonal
+    block and the ``local_blocks - 1`` before it), and every visible block for the last
+    ``dense_last`` query blocks; causal, sink and diagonal forced as for every estimator."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    probs = flashprefill_block_probs(q, k, block_size, scale=scale)
+    selected = relative_select(probs, alpha)
+    allowed, _ = geometry(q_len, kv_len, block_size, q.device)
+    forced = torch.zeros_like(allowed)
+    forced[:, :sink_blocks] = True
+    if local_blocks > 1:
+        forced |= local_table(q_len, kv_len, block_size, local_blocks - 1, q.device)
+    if dense_last:
+        forced[-dense_last:] = True
+    return finalize(selected | forced, q_len, kv_len, block_size)
 
 
 # ---------------------------------------------------------------------------------------------

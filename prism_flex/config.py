@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["PrismConfig", "ROPE_LAYOUTS", "causal_attention_flops"]
+__all__ = ["PrismConfig", "PRESETS", "ROPE_LAYOUTS", "causal_attention_flops"]
 
 #: Supported RoPE layouts of the inputs.
 #: ``"half"``: rotate-half (Llama, Qwen, Mistral): pair ``i`` is dims ``(i, i + D/2)``.
@@ -31,6 +31,16 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: Named points of the accuracy/speed frontier (:meth:`PrismConfig.preset`): field overrides
+#: of the default config. Measured on the H200 (Qwen2.5-Coder-0.5B at 32K tokens, issue 17):
+#: perplexity +1.0 % / +1.8 % / +3.3 % over dense at block density 0.237 / 0.164 / 0.104.
+PRESETS = {
+    "accurate": {},
+    "balanced": {"high_threshold": 0.9, "low_threshold": 0.9},
+    "fast": {"high_threshold": 0.8, "low_threshold": 0.8},
+}
 
 
 def causal_attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> int:
@@ -140,6 +150,21 @@ class PrismConfig:
             the last 6 % slower, without ``final_block_pool``, which adds ~0.16 GiB;
             bench/results/h200_tune.json, h200_attention.json). The default 2**25 still scores
             Llama-8B's 32 heads at 128K tokens in one piece (one compiled graph, no chunks).
+        relative_cut: ``None`` (default): each band keeps its top-p (``high_threshold``,
+            ``low_threshold``). A number ``alpha`` in ``[0, 1]``: each band keeps, sort-free,
+            the blocks whose block-softmax probability is at least ``alpha`` times the
+            row's largest (the same dual-band calibrated scores; the cut of FlashPrefill,
+            arXiv 2603.06199, on Prism's scores). Why: top-p keeps a row's long tail of
+            small blocks, which grows with the length; a cut relative to the row's maximum
+            does not, and needs no sort. ``0`` keeps every visible block (dense), ``1`` only
+            each row's most probable block(s). The band thresholds then only set
+            ``final_block_pool``'s row (top-p at their maximum, as without the cut); the
+            forced blocks (sink, diagonal, local, dense final rows) are unchanged. Not
+            combinable with ``output_error`` (which fits top-p thresholds). Accuracy and
+            speed against top-p: docs/accuracy.md ("The frontier"), to be measured.
+
+    Presets: :meth:`preset` names points of the measured accuracy/speed frontier
+    (``"accurate"``, ``"balanced"``, ``"fast"``; :data:`PRESETS`).
     """
 
     block_size: int = 128
@@ -162,6 +187,7 @@ class PrismConfig:
     dense_below: int = 1024
     sparse_min_flops: float = 6e11
     max_score_elements: int = 1 << 25
+    relative_cut: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
@@ -230,6 +256,17 @@ class PrismConfig:
                 f"{self.sparse_min_flops!r}"
             )
         self._check_int("max_score_elements", 1)
+        if self.relative_cut is not None:
+            if not _is_real(self.relative_cut) or not (0.0 <= self.relative_cut <= 1.0):
+                raise ValueError(
+                    f"PrismConfig.relative_cut must be None or a number in [0, 1], got "
+                    f"{self.relative_cut!r}"
+                )
+            if self.output_error is not None:
+                raise ValueError(
+                    "PrismConfig.relative_cut and output_error cannot both be set: the fit "
+                    "chooses top-p thresholds; set relative_cut=None or output_error=None"
+                )
         # The JSON form, made once: a compile of the user's model reads it as a constant
         # string (dynamo traces neither json nor a frozen dataclass's reconstruction).
         object.__setattr__(self, "_json", json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -271,6 +308,23 @@ class PrismConfig:
         if unknown:
             raise ValueError(f"unknown PrismConfig fields {unknown}; known: {sorted(names)}")
         return cls(**kwargs)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PrismConfig":
+        """The config of a named point of the accuracy/speed frontier (:data:`PRESETS`),
+        with ``overrides`` (any field) applied on top.
+
+        ``"accurate"``: the default (top-p 0.95); ``"balanced"``: top-p 0.9; ``"fast"``:
+        top-p 0.8. Measured cost (H200, Qwen2.5-Coder-0.5B, first 32K tokens of *Emma*, dense
+        perplexity 42.14, pass keys 10/10; README "Presets"): perplexity 42.57 / 42.88 /
+        43.51 at block density 0.237 / 0.164 / 0.104, pass keys 10/10 each. Raises
+        ``ValueError`` for an unknown name."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"unknown PrismConfig preset {name!r}; known presets: {sorted(PRESETS)} "
+                f"(or build PrismConfig(high_threshold=..., low_threshold=...) directly)"
+            )
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_json(self) -> str:
         """The config as one JSON string (how it crosses the custom-op boundary)."""

@@ -1,5 +1,6 @@
-"""Block selection: block softmax and top-p per band, union of the bands and the forced
-blocks (sink, diagonal, local, the last block's finer row)."""
+"""Block selection: block softmax and the cut per band (top-p, or with
+``PrismConfig.relative_cut`` a sort-free cut relative to the row's maximum), union of the
+bands and the forced blocks (sink, diagonal, local, the last block's finer row)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from .scoring import (
     rows_block_geometry,
 )
 
-__all__ = ["Thresholds", "Selection", "select_rows", "top_p_select", "combine_selection"]
+__all__ = [
+    "Thresholds",
+    "Selection",
+    "select_rows",
+    "top_p_select",
+    "relative_select",
+    "combine_selection",
+]
 
 
 class Thresholds(NamedTuple):
@@ -59,12 +67,14 @@ def select_rows(
     nk = scores.k_high.shape[2]
     bs = config.block_size
     allowed, diagonal = rows_block_geometry(rows, nk, q_len, kv_len, bs)
-    high = top_p_select(
-        block_softmax(band_logits(q_high, scores.k_high, scores.div_high), allowed), high_thr
-    )
-    low = top_p_select(
-        block_softmax(band_logits(q_low, scores.k_low, scores.div_low), allowed), low_thr
-    )
+    high_p = block_softmax(band_logits(q_high, scores.k_high, scores.div_high), allowed)
+    low_p = block_softmax(band_logits(q_low, scores.k_low, scores.div_low), allowed)
+    # The config is a constant of a compiled stage: one branch is traced, the other not.
+    relative = config.relative_cut
+    if relative is None:
+        high, low = top_p_select(high_p, high_thr), top_p_select(low_p, low_thr)
+    else:
+        high, low = relative_select(high_p, relative), relative_select(low_p, relative)
     nq = (q_len + bs - 1) // bs
     dense_rows = extra = None
     if config.dense_final_blocks:
@@ -121,6 +131,22 @@ def top_p_select(probs: Tensor, threshold: float) -> Tensor:
     cut = torch.where(mass_before < threshold, sorted_p, inf).amin(dim=-1, keepdim=True)
     # Branch-free so that a compiled caller does not specialise on the threshold's value.
     return (probs >= cut) | (threshold >= 1.0)
+
+
+def relative_select(probs: Tensor, alpha: float) -> Tensor:
+    """The blocks of each row at least ``alpha`` times as probable as the row's most probable
+    block (``PrismConfig.relative_cut``): no sort, one row maximum.
+
+    ``alpha = 0`` keeps every block (callers intersect with the causal table), ``alpha = 1``
+    the row's maximum and the blocks tied with it. A larger ``alpha`` keeps a subset.
+
+    Args:
+        probs: ``(..., Nk)`` float32, non-negative (invisible blocks 0).
+        alpha: in ``[0, 1]``.
+    Returns:
+        bool ``(..., Nk)``.
+    """
+    return probs >= alpha * probs.amax(dim=-1, keepdim=True)
 
 
 def combine_selection(

@@ -148,6 +148,21 @@ def top_p_row(probs: list[float], threshold: float) -> tuple[set[int], float]:
     return kept, margin
 
 
+def relative_row(probs: list[float], alpha: float) -> tuple[set[int], float]:
+    """The max-relative cut of one row (``PrismConfig.relative_cut``), plus its decision
+    margin: block ``j`` is kept when ``probs[j] >= alpha * max(probs)``. The margin is the
+    smallest distance of a block that is not the row's maximum from the cut (the maximum is
+    kept whatever the rounding); ``alpha <= 0`` keeps all, with an infinite margin."""
+    n = len(probs)
+    if alpha <= 0.0:
+        return set(range(n)), math.inf
+    top = max(probs)
+    cut = alpha * top
+    kept = {j for j in range(n) if probs[j] >= cut}
+    others = [abs(p - cut) for p in probs if p != top]
+    return kept, min(others, default=math.inf)
+
+
 def final_block_probs(q, k, config: PrismConfig) -> torch.Tensor:
     """The finer scoring of the last query block (``config.final_block_pool = p``), token by
     token: for each run of ``p`` queries of the last block, its mean query against the mean
@@ -177,7 +192,8 @@ def final_block_probs(q, k, config: PrismConfig) -> torch.Tensor:
 
 def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Final selected blocks ``(B, Hq, Nq, Nk)`` and each row's decision margin ``(B, Hq, Nq)``.
-    ``fine_threshold``: top-p of ``final_block_pool``'s row, default the larger band one."""
+    ``fine_threshold``: top-p of ``final_block_pool``'s row, default the larger band one.
+    Each band's cut: top-p, or :func:`relative_row` with ``config.relative_cut``."""
     bp = band_probs(q, k, config)
     fine = final_block_probs(q, k, config) if config.final_block_pool else None
     allowed, diagonal = bp["allowed"], bp["diagonal"]
@@ -189,10 +205,11 @@ def selection(q, k, config: PrismConfig, fine_threshold=None) -> tuple[torch.Ten
             for i in range(nq):
                 chosen = set()
                 for which in ("high", "low"):
-                    kept, m = top_p_row(
-                        bp[f"probs_{which}"][bi, h, i].tolist(),
-                        getattr(config, f"{which}_threshold"),
-                    )
+                    row = bp[f"probs_{which}"][bi, h, i].tolist()
+                    if config.relative_cut is None:
+                        kept, m = top_p_row(row, getattr(config, f"{which}_threshold"))
+                    else:
+                        kept, m = relative_row(row, config.relative_cut)
                     chosen |= kept
                     margin[bi, h, i] = min(margin[bi, h, i], m)
                 if fine is not None and i == nq - 1:

@@ -120,3 +120,25 @@ def test_the_size_rule_counts_one_row():
     assert cfg.runs_dense((8, 14, 8192, 64), 8192)
     assert not cfg.runs_dense((1, 32, 32768, 128), 32768)
     assert not PrismConfig(sparse_min_flops=0).runs_dense((8, 14, 8192, 64), 8192)
+
+
+@pytest.mark.parametrize("name", ["accurate", "balanced", "fast"])
+def test_presets_are_valid_configs(name):
+    from prism_flex.config import PRESETS
+
+    cfg = PrismConfig.preset(name)
+    assert isinstance(cfg, PrismConfig)
+    assert PrismConfig.from_json(cfg.to_json()) == cfg
+    assert set(PRESETS) == {"accurate", "balanced", "fast"}
+
+
+def test_presets_order_and_overrides():
+    accurate, balanced, fast = (PrismConfig.preset(n) for n in ("accurate", "balanced", "fast"))
+    assert accurate == PrismConfig()
+    assert accurate.high_threshold > balanced.high_threshold > fast.high_threshold
+    assert PrismConfig.preset("fast", block_size=64).block_size == 64
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match="accurate.*balanced.*fast"):
+        PrismConfig.preset("fastest")

@@ -216,3 +216,52 @@ def test_sampled_row_partials_give_the_exact_attention(lq, lkv):
     )
     idx = torch.cat([torch.arange(r * BS, min(lq, (r + 1) * BS)) for r in rows.tolist()])
     torch.testing.assert_close(w.sum(3) / s.sum(3)[..., None], ref[:, :, idx])
+
+
+def _flashprefill_naive(q, k, alpha, bs, sink=2, local=4, dense_last=2):
+    """The FlashPrefill-style rule, loop by loop in float64: mean-pooled q·k / sqrt(D),
+    softmax over visible blocks, keep >= alpha x row max; sink, local window ending at the
+    diagonal, last query blocks dense; causal."""
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    allowed, diagonal = E.geometry(lq, lkv, bs, q.device)
+    nq, nk = allowed.shape
+    out = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+    for h in range(hq):
+        kh = h // (hq // hkv)
+        qp = [q[0, h, i * bs : (i + 1) * bs].double().mean(0) for i in range(nq)]
+        kp = [k[0, kh, j * bs : (j + 1) * bs].double().mean(0) for j in range(nk)]
+        for i in range(nq):
+            vis = [j for j in range(nk) if allowed[i, j]]
+            logits = torch.stack([qp[i] @ kp[j] / math.sqrt(d) for j in vis])
+            p = torch.softmax(logits, 0)
+            keep = {j for j, pj in zip(vis, p.tolist()) if pj >= alpha * float(p.max())}
+            first = int(torch.nonzero(diagonal[i]).min())
+            keep |= set(range(min(sink, nk))) | set(range(max(0, first - local + 1), first + 1))
+            keep |= set(torch.nonzero(diagonal[i]).flatten().tolist())
+            if i >= nq - dense_last:
+                keep |= set(vis)
+            for j in keep:
+                out[0, h, i, j] = bool(allowed[i, j])
+    return out
+
+
+@pytest.mark.parametrize("lq,lkv", [(200, 200), (150, 260), (33, 33)])
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.9])
+def test_flashprefill_matches_naive_loop(lq, lkv, alpha):
+    q, k = _qk(lq, lkv, seed=3)
+    got = E.flashprefill_table(q, k, alpha, BS)
+    _check_table(got, lq, lkv)
+    assert torch.equal(got, _flashprefill_naive(q, k, alpha, BS))
+
+
+def test_flashprefill_alpha_zero_is_dense_and_alpha_monotone():
+    q, k = _qk(300, 300, seed=4)
+    allowed, _ = E.geometry(300, 300, BS, q.device)
+    tables = [E.flashprefill_table(q, k, a, BS) for a in (0.0, 0.05, 0.2, 1.0)]
+    assert torch.equal(tables[0], allowed.expand_as(tables[0]))
+    for wide, narrow in zip(tables, tables[1:]):
+        assert torch.all(narrow <= wide)
+    last = tables[-1]
+    assert torch.equal(last[..., -2:, :], allowed[-2:].expand_as(last[..., -2:, :]))
+    assert torch.all(last[..., :2] >= allowed[:, :2])  # 2 sink blocks wherever visible
