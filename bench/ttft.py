@@ -274,10 +274,12 @@ def use(model, method: str) -> None:
     model.set_attn_implementation("sdpa" if method.startswith("sdpa") else method)
 
 
-def warm(model, ids, method, args, device) -> dict:
+def warm(model, ids, method, args, device, *, select: bool = True) -> dict:
     """First call (wall time, compiles included) and ``--warmup`` untimed calls of one
-    (method, length); an OOM (or a backend that refuses the shape) is recorded, not raised."""
-    use(model, method)
+    (method, length); an OOM (or a backend that refuses the shape) is recorded, not raised.
+    ``select=False``: the caller has set the model's attention implementation."""
+    if select:
+        use(model, method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     g0 = graphs()
@@ -301,6 +303,32 @@ def warm(model, ids, method, args, device) -> dict:
     return row
 
 
+def summarise(row: dict, timed: list[tuple[float, float]]) -> None:
+    """Median, min and host time of ``(ms, host ms)`` pairs into ``row``."""
+    times = [t for t, _ in timed]
+    row.update(
+        median_ms=statistics.median(times),
+        min_ms=min(times),
+        times_ms=times,
+        host_ms=statistics.median(h for _, h in timed),
+    )
+
+
+def run_row(model, ids, method, args, device) -> dict:
+    """One row on the model as the caller set it up (its attention implementation chosen):
+    first call, warm-up and ``--reps`` timed calls under ``method``'s SDPA backend pin, for
+    callers that time one configuration at a time (eval/frontier.py)."""
+    row = warm(model, ids, method, args, device, select=False)
+    if row["status"] != "ok":
+        return row
+    g0 = graphs()
+    with torch.inference_mode(), backend_context(method, device):
+        timed = [time_call(model, ids, device) for _ in range(args.reps)]
+    row["graphs_timed"] = graphs() - g0
+    summarise(row, timed)
+    return row
+
+
 def measure_length(model, ids, methods, args, device) -> dict[str, dict]:
     """Rows of every method at one length. The timed calls are interleaved (method A, B, C,
     A, B, C, ...), so that a drift of the host's or the GPU's speed during the run falls on
@@ -317,13 +345,7 @@ def measure_length(model, ids, methods, args, device) -> dict[str, dict]:
                 timed[m].append(time_call(model, ids, device))
             rows[m]["graphs_timed"] += graphs() - g0
     for m in ok:
-        times = [t for t, _ in timed[m]]
-        rows[m].update(
-            median_ms=statistics.median(times),
-            min_ms=min(times),
-            times_ms=times,
-            host_ms=statistics.median(h for _, h in timed[m]),
-        )
+        summarise(rows[m], timed[m])
         if m == "prism" and not args.no_density:
             DENSITIES.clear()
             model.set_attn_implementation(DENSITY_NAME)
