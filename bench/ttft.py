@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -395,16 +396,20 @@ def meta(args, device, input_desc: str) -> dict:
         except Exception:  # noqa: BLE001 - triton is absent on CPU-only installs
             return None
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        commit = None
+    def git(*cmd) -> Optional[str]:
+        try:
+            return subprocess.run(
+                ["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a checkout
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    # A copy of a working tree (the GPU machine's) can sit on an older HEAD with the files of
+    # a newer one: say so rather than name a commit the run was not at.
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    if commit and changed:
+        commit += "+dirty"
     gpu = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
