@@ -89,13 +89,11 @@ def _shape_rules():
     """The symbolic-shape rules our compiled calls trace and run under (a context manager).
 
     Why: with dynamo's defaults, two sizes equal at the first call share one symbol ("duck
-    sizing": at ``Lq == Lkv`` the query and key block counts are equal, so the first chunk
-    continuing a cache, ``Lq < Lkv``, recompiled every stage), and a size of 1 is specialised
-    (batch 1 first, then batch 2, recompiled every stage). ``use_duck_shape=False`` gives each
-    size its own symbol and ``backed_size_oblivious`` traces size-1 dims generically, so one
-    compilation serves every length, ``Lq < Lkv`` and every batch size. Patched for our calls
-    only, restored on exit (the user's own compiles keep torch's defaults); both options exist
-    in torch 2.11 and later.
+    sizing"): at ``Lq == Lkv`` the query and key block counts are equal, so the first chunk
+    continuing a cache, ``Lq < Lkv``, recompiled every stage. ``use_duck_shape=False`` gives
+    each size its own symbol. Patched for our calls only and restored on exit (the user's own
+    compiles keep torch's defaults); the option exists in torch 2.11 and later. (A size of 1
+    is still specialised, so compiled batches run row by row: ``attention._sparse``.)
     """
     from torch.fx.experimental import _config as shape_config
 
