@@ -392,12 +392,7 @@ def attention_with_segments(q, k, v, config, scale, return_density, compiled, se
                 q, k, v, config.to_json(), scale, segments.ids, segments.padded
             )
         return (out, density) if return_density else out
-    if takes_dense_path(q, k, v, config):
-        # The dense path is most of the calls of short prompts, whose forward is host-bound:
-        # nothing here but the SDPA call (the density tensor only when asked for).
-        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
-        return (out, _dense_density(q)) if return_density else out
-    out, density = _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
+    out, density = _run(q, k, v, config, scale, mode, segments, density=return_density)
     return (out, density) if return_density else out
 
 
@@ -412,15 +407,15 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _dense_density(q: Tensor) -> Tensor:
-    return torch.ones(q.shape[:2], dtype=torch.float32, device=q.device)
-
-
-def _run(q, k, v, config, scale, mode, segments=None) -> tuple[Tensor, Tensor]:
+def _run(q, k, v, config, scale, mode, segments=None, *, density: bool = True):
     """``(out, density)``: dense attention (differentiable) where :func:`takes_dense_path`,
-    else the Prism pipeline on detached inputs."""
+    else the Prism pipeline on detached inputs. On the dense path the density (all ones) is
+    made only with ``density=True`` (else ``None``): the dense path is most of the calls of
+    short prompts, whose forward is host-bound."""
     if takes_dense_path(q, k, v, config):
-        return pipeline.dense_attention(q, k, v, scale, mode, segments), _dense_density(q)
+        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
+        ones = torch.ones(q.shape[:2], dtype=torch.float32, device=q.device) if density else None
+        return out, ones
     return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
 
 

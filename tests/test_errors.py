@@ -113,3 +113,32 @@ def test_expanded_and_non_contiguous_inputs_give_the_contiguous_result():
     want = prism_attention(q.contiguous(), k.contiguous(), v.contiguous(), cfg, compiled=False)
     got = prism_attention(q, k, v, cfg, compiled=False)
     torch.testing.assert_close(got, want)
+
+
+def test_the_fast_check_accepts_only_what_the_detailed_checks_accept(monkeypatch):
+    """``check_inputs`` first tries one expression for the common case: it must never pass an
+    input the detailed checks reject (nor, to stay the fast path, reject a valid one)."""
+    import itertools
+
+    from prism_flex import attention
+
+    shapes = [(1, 4, 8, 8), (1, 2, 8, 8), (2, 4, 8, 8), (1, 4, 4, 8), (1, 4, 8, 6), (1, 3, 8, 8),
+              (1, 4, 8, 7), (1, 4, 0, 8), (0, 4, 8, 8), (1, 2048, 8, 8), (1, 4, 8)]  # fmt: skip
+
+    def detailed_accepts(q, k, v):
+        with monkeypatch.context() as m:
+            m.setattr(attention, "_plainly_valid", lambda *a: False)
+            try:
+                attention.check_inputs(q, k, v)
+            except (TypeError, ValueError):
+                return False
+            return True
+
+    for qs, ks, vs, dtype in itertools.product(
+        shapes, shapes, ["k", None, (1, 4, 8, 8)], [torch.float32, torch.bfloat16]
+    ):
+        q, k = torch.zeros(qs), torch.zeros(ks, dtype=dtype)
+        v = k.clone() if vs == "k" else None if vs is None else torch.zeros(vs)
+        assert attention._plainly_valid(q, k, v) == detailed_accepts(q, k, v), (qs, ks, vs, dtype)
+    ints = torch.zeros(1, 4, 8, 8, dtype=torch.int32)
+    assert not attention._plainly_valid(ints, ints, ints) and not detailed_accepts(ints, ints, ints)
