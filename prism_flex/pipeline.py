@@ -56,6 +56,7 @@ __all__ = [
     "table_block_mask",
     "sparse_attention",
     "dense_attention",
+    "dense_causal_sdpa",
     "prism_forward",
     "visible_blocks",
 ]
@@ -302,11 +303,18 @@ def dense_attention(
         # Traced in a user's graph (e.g. training, where the dense path is differentiable):
         # enable_gqa=True whatever the head counts: compared with dynamic shapes they are a
         # SymBool, which SDPA rejects.
-        return _dense_sdpa(q, k, v, scale, True)
-    return _dense_sdpa(q, k, v, scale, q.shape[1] != k.shape[1])
+        return dense_causal_sdpa(q, k, v, scale, True)
+    return dense_causal_sdpa(q, k, v, scale)
 
 
-def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bool) -> Tensor:
+def dense_causal_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: Optional[bool] = None
+) -> Tensor:
+    """SDPA, causal bottom-right, of checked inputs; ``gqa=None``: whether the head counts
+    differ (eager). The dense path's one call, and the Hugging Face function's for short
+    calls."""
+    if gqa is None:
+        gqa = q.shape[1] != k.shape[1]
     q_len, kv_len = q.shape[2], k.shape[2]
     if q_len == kv_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

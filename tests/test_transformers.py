@@ -112,3 +112,29 @@ def test_compiled_prism_through_the_model():
         model.set_attn_implementation(SPARSE_NAME)
         want = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("q_len", [1, 37, 64])
+def test_short_call_path_equals_prism_attention(q_len):
+    """The attention function's path for short unmasked calls (one SDPA call, the host-bound
+    case) gives exactly what prism_attention's dense path gives, with and without a cache
+    (Lq < Lkv), and the forms with a mask or with grad still take the full path."""
+    from prism_flex import prism_attention
+    from prism_flex.integrations.transformers import make_attention_function
+
+    class Module(torch.nn.Module):
+        is_causal, layer_idx = True, 0
+
+    fn = make_attention_function(PrismConfig(), compiled=False)  # 64 tokens: dense by size
+    gen = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 4, q_len, 32, generator=gen)
+    k, v = torch.randn(2, 2, 64, 32, generator=gen), torch.randn(2, 2, 64, 32, generator=gen)
+    with torch.no_grad():
+        got, weights = fn(Module(), q, k, v, None, scaling=0.3)
+        want = prism_attention(q, k, v, PrismConfig(), scale=0.3, compiled=False)
+    assert weights is None
+    assert got.shape == (2, q_len, 4, 32) and got.is_contiguous()
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=0, atol=0)
+    q.requires_grad_(True)
+    with pytest.warns(UserWarning, match="inference only"):
+        fn(Module(), q, k, v, None, scaling=0.3)

@@ -88,9 +88,16 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from ..attention import attention_with_segments, check_inputs, takes_dense_path
+from ..attention import (
+    _needs_grad,
+    _plainly_valid,
+    attention_with_segments,
+    check_inputs,
+    takes_dense_path,
+)
 from ..config import PrismConfig
 from ..documents import Segments
+from ..pipeline import dense_causal_sdpa
 
 __all__ = [
     "register",
@@ -471,6 +478,22 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
             raise NotImplementedError(
                 "prism attention does not return attention weights (output_attentions=True)"
             )
+        if (
+            attention_mask is None
+            and not _RECORDERS
+            and not torch.compiler.is_compiling()
+            and query.shape[2] == key.shape[2]
+            and _plainly_valid(query, key, value)
+            and cfg.runs_dense(query.shape, key.shape[2])
+            and not _needs_grad(query, key, value)  # that case warns, below
+        ):
+            # A short prompt's call (every call of a chat-length prefill): the SDPA call of
+            # prism_attention's dense path without the Python in between. Such forwards are
+            # bound by the host (Qwen2.5-0.5B at 4K tokens: bench/NOTES.md, ninth round), and
+            # there each function call costs more than on a desktop CPU, 24 times a forward.
+            cfg.band_dims(query.shape[-1])  # the config errors every other call raises
+            out = dense_causal_sdpa(query, key, value, scaling)
+            return out.transpose(1, 2).contiguous(), None
         segments = None
         if _is_document_ids(attention_mask):
             # Padding / packed documents, from prism_mask (one tensor per forward).
