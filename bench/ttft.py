@@ -131,7 +131,7 @@ ARCHS = {
 def model_label(args) -> str:
     if args.random_tiny:
         return "random-tiny-qwen2"
-    if args.arch:
+    if getattr(args, "arch", None):
         return f"random-{args.arch}"
     return Path(args.model_path).name if args.model_path else args.model
 
@@ -157,7 +157,7 @@ def load_model(args, device: torch.device):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
         return model.to(device).eval(), None
-    if args.arch:
+    if getattr(args, "arch", None):
         from transformers import AutoConfig
 
         fields = dict(ARCHS[args.arch])
