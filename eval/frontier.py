@@ -29,25 +29,22 @@ model, text, length and RoPE scaling; ``--resume`` skips jobs already there. A m
 goes next to it (``.md``), and with ``--plot`` (matplotlib, extra ``plot``) a figure of
 perplexity against prefill time (also from saved JSONs: ``--plot-only a.json b.json``).
 
-Cost (estimates for the H200 with Qwen2.5-Coder-0.5B at 32K, to be replaced by the measured
-``seconds`` of each row): a prism job compiles its selection once (tens of seconds, each
-config compiles again), ppl ~1 s, each retrieval prompt ~0.3 s (+ ~20 ms per generated
-token: needle 8, multikey 12, vartrack 32 tokens), timing ~2 s: ~30-60 s per prism job with
-``--samples 10``, ~15-20 s per dense or peer job; ``--quick`` (7 jobs, 5 samples) ~3-4 min
-at 32K; the full set (15 jobs) ~8-12 min; 64K/128K roughly x1.5/x3 for the retrieval part.
+Cost, measured on the H100 with Qwen2.5-Coder-0.5B (the rows' ``seconds``): 5-30 s per job
+(a prism config compiles its selection once), ``--quick`` with ppl, needle and multikey 113 s
+at 32K and about 150 s at 64K; 128K with 3 prompts per task 13-30 s per job.
 
 Examples::
 
     # CPU smoke test, tiny random model, seconds:
     python -m eval.frontier --random-tiny --device cpu --length 1024 --quick --samples 2 \\
         --reps 1 --warmup 0 --out /tmp/frontier.json
-    # H200, 32K, the quick set:
+    # GPU, 32K, the quick set:
     M=~/.cache/prism_flex/models/qwen2.5-coder-0.5b-instruct.gguf
     python -m eval.frontier --model-path $M --length 32768 --quick \\
-        --out bench/results/h200_frontier_32k.json
+        --out bench/results/h100_frontier_32k.json
     # 64K / 128K on the YaRN-extended model:
     python -m eval.frontier --model-path $M --length 65536 --rope-scaling yarn:4 --quick \\
-        --out bench/results/h200_frontier_64k.json
+        --out bench/results/h100_frontier_64k_yarn.json
 """
 
 from __future__ import annotations

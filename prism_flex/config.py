@@ -34,8 +34,10 @@ def _is_real(x) -> bool:
 
 
 #: Named points of the accuracy/speed frontier (:meth:`PrismConfig.preset`): field overrides
-#: of the default config. Measured on the H200 (Qwen2.5-Coder-0.5B at 32K tokens, issue 17):
-#: perplexity +1.0 % / +1.8 % / +3.3 % over dense at block density 0.237 / 0.164 / 0.104.
+#: of the default config, chosen on the measured frontier (docs/accuracy.md, "The frontier":
+#: Qwen2.5-Coder-0.5B end to end on the H100; at 32K perplexity +1.0 % / +1.8 % / +3.3 % over
+#: dense and 1.38x / 1.49x / 1.60x faster than cuDNN SDPA; at 128K with YaRN +0.3 % / +0.8 % /
+#: +2.0 % and 2.70x / 3.19x / 3.68x).
 PRESETS = {
     "accurate": {},
     "balanced": {"high_threshold": 0.9, "low_threshold": 0.9},
@@ -160,8 +162,9 @@ class PrismConfig:
             each row's most probable block(s). The band thresholds then only set
             ``final_block_pool``'s row (top-p at their maximum, as without the cut); the
             forced blocks (sink, diagonal, local, dense final rows) are unchanged. Not
-            combinable with ``output_error`` (which fits top-p thresholds). Accuracy and
-            speed against top-p: docs/accuracy.md ("The frontier"), to be measured.
+            combinable with ``output_error`` (which fits top-p thresholds). Measured against
+            top-p end to end (docs/accuracy.md, "The frontier"): on its curve at 32K, below
+            it at 64K and 128K (more perplexity at equal time), hence off by default.
 
     Presets: :meth:`preset` names points of the measured accuracy/speed frontier
     (``"accurate"``, ``"balanced"``, ``"fast"``; :data:`PRESETS`).
@@ -315,10 +318,10 @@ class PrismConfig:
         with ``overrides`` (any field) applied on top.
 
         ``"accurate"``: the default (top-p 0.95); ``"balanced"``: top-p 0.9; ``"fast"``:
-        top-p 0.8. Measured cost (H200, Qwen2.5-Coder-0.5B, first 32K tokens of *Emma*, dense
-        perplexity 42.14, pass keys 10/10; README "Presets"): perplexity 42.57 / 42.88 /
-        43.51 at block density 0.237 / 0.164 / 0.104, pass keys 10/10 each. Raises
-        ``ValueError`` for an unknown name."""
+        top-p 0.8. Measured (Qwen2.5-Coder-0.5B, first 32K tokens of *Emma*, dense perplexity
+        42.14; README "Presets" has 64K and 128K): perplexity 42.57 / 42.88 / 43.51 at block
+        density 0.237 / 0.164 / 0.104, prefill 1.38x / 1.49x / 1.60x faster than cuDNN SDPA
+        (H100). Raises ``ValueError`` for an unknown name."""
         if name not in PRESETS:
             raise ValueError(
                 f"unknown PrismConfig preset {name!r}; known presets: {sorted(PRESETS)} "
