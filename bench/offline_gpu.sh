@@ -12,6 +12,14 @@
 # then, carrying .whl (and the last slice and the texts):
 #   bash bench/offline_gpu.sh assemble         # rebuilds the GGUF, checks its sha256, caches
 #   source bench/offline_gpu.sh env            # wheels on PYTHONPATH (every later call)
+#
+# Wheels over a call's limit (FlashAttention-4's CuTe-DSL libraries, ~92 MB) travel the same
+# way: here `split -b 45M -d -a 3 BIG.whl .xfer/whlparts/BIG.whl.part` (small wheels whole in
+# .xfer/whl/), one `stage` call per part carrying it, then once, carrying .xfer/whl:
+#   bash bench/offline_gpu.sh wheels           # joins the parts, installs all of them
+# (FlashAttention-4 for flex's BACKEND="FLASH", with torch 2.11 + CUDA 13: flash-attn-4,
+# nvidia-cutlass-dsl, nvidia-cutlass-dsl-libs-{core,base,cu13}, quack-kernels, apache-tvm-ffi,
+# torch-c-dlpack-ext, einops; downloaded with the device README's `pip download` line.)
 set -euo pipefail
 MODEL=qwen2.5-coder-0.5b-instruct.gguf
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
@@ -22,11 +30,24 @@ stage)
     mkdir -p "$XFER"
     if [ -d .xfer/qwen ]; then cp .xfer/qwen/* "$XFER"/; fi
     if [ -d .xfer/texts ]; then mkdir -p ~/.cache/prism_flex/texts/austen && cp .xfer/texts/*.txt ~/.cache/prism_flex/texts/austen/; fi
+    for d in .xfer/whl .xfer/whlparts; do
+        if [ -d "$d" ]; then mkdir -p "$XFER/whl" && cp "$d"/* "$XFER/whl/"; fi
+    done
     ls -la "$XFER"
     ;;
 assemble)
     bash "$0" stage
     python3 -m prism_flex.data.models assemble ~/.cache/prism_flex/models/$MODEL $SHA $(ls "$XFER"/$MODEL.part* | sort)
+    ;;
+wheels)
+    bash "$0" stage
+    for first in "$XFER"/whl/*.whl.part000; do
+        [ -e "$first" ] || continue
+        whl="${first%.part000}"
+        cat $(ls "$whl".part* | sort) > "$whl" && rm "$whl".part*
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$XFER"/whl/*.whl $(ls .whl/*.whl 2>/dev/null)
+    ls /tmp/site | head -40
     ;;
 env)
     # sourced: install the carried wheels once per machine, put them on the path
@@ -37,7 +58,7 @@ env)
     set +euo pipefail
     ;;
 *)
-    echo "usage: $0 stage|assemble|env" >&2
+    echo "usage: $0 stage|assemble|wheels|env" >&2
     exit 2
     ;;
 esac

@@ -18,6 +18,8 @@ One run answers the questions behind the performance work of bench/NOTES.md:
    ``max_score_elements``.
 
     python -m bench.tune --out-dir $OUT
+    # FlashAttention-4 as flex's backend against the Triton kernel (wheels: bench/offline_gpu.sh)
+    python -m bench.tune --parts kernel --kernel-options flash tma --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ KERNEL_OPTIONS = {
     "tma": {"USE_TMA": True},
     "prescale": {"PRESCALE_QK": True},
     "tma_prescale": {"USE_TMA": True, "PRESCALE_QK": True},
+    # FlashAttention-4 through CuTe-DSL (needs the flash-attn-4 and nvidia-cutlass-dsl wheels:
+    # bench/offline_gpu.sh "wheels"); experimental in torch 2.11, asked for explicitly.
+    "flash": {"BACKEND": "FLASH"},
 }
 
 
@@ -175,7 +180,36 @@ def run_host(lengths, out, cfg):
     out["host"] = rows
 
 
-def run_kernel(L, out):
+def full_blocks_only(mask):
+    """``mask`` with its partial blocks listed as full ones and a trivial ``mask_mod``: the case
+    where FLASH was reported to ignore the block lists (PyTorch #188322), so its output must
+    equal the Triton kernel's on the same mask (which the diagonal blocks, now full, make
+    non-causal inside the block: the two kernels still compute the same thing)."""
+    from torch.nn.attention.flex_attention import BlockMask, noop_mask
+
+    width = mask.kv_indices.shape[-1]
+    idx = torch.cat([mask.kv_indices, mask.full_kv_indices], -1)
+    num = mask.kv_num_blocks + mask.full_kv_num_blocks
+    # partial entries first (kv_num_blocks of them), then the full ones: gather both lists
+    # into one, in that order, padded with zeros to the original width.
+    pos = torch.arange(width, device=idx.device)
+    src = torch.where(
+        pos < mask.kv_num_blocks[..., None], pos, pos - mask.kv_num_blocks[..., None] + width
+    )
+    merged = idx.gather(-1, src.clamp(max=2 * width - 1)).masked_fill(pos >= num[..., None], 0)
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(num),
+        torch.zeros_like(merged),
+        num.contiguous(),
+        merged.to(torch.int32).contiguous(),
+        BLOCK_SIZE=mask.BLOCK_SIZE,
+        mask_mod=noop_mask,
+        seq_lengths=mask.seq_lengths,
+        compute_q_blocks=False,
+    )
+
+
+def run_kernel(L, out, options=None):
     hq, hkv, d, base = LLAMA
     q, k, v = synthetic_qkv(hq, hkv, L, d, spec=SyntheticSpec(rope_base=base), device="cuda")
     masks = {
@@ -183,8 +217,11 @@ def run_kernel(L, out):
         "prism": prism_flex.prism_block_mask(q, k, prism_flex.PrismConfig()),
         "dense": dense_causal_block_mask(L, q.device),
     }
+    masks["random_0.1_full_noop"] = full_blocks_only(masks["random_0.1"])
+    names = ["default"] + [n for n in (options or KERNEL_OPTIONS) if n != "default"]
     rows, default_out = [], {}
-    for name, opts in KERNEL_OPTIONS.items():
+    for name in names:
+        opts = KERNEL_OPTIONS[name]
         # a fresh compiled function per option set: kernel_options are compile-time constants
         flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         for mname, mask in masks.items():
@@ -328,6 +365,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--kernel-length", type=int, default=131072)
+    p.add_argument(
+        "--kernel-options",
+        nargs="*",
+        choices=sorted(KERNEL_OPTIONS),
+        default=None,
+        help="kernel: the option sets to time (default: all; 'default' always runs first)",
+    )
     p.add_argument("--profile-lengths", type=int, nargs="*", default=[16384, 131072])
     p.add_argument("--micro-lengths", type=int, nargs="*", default=[65536, 131072])
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[1048576])
@@ -355,7 +399,9 @@ def main():
         "package": prism_flex.__file__,
         "config": repr(cfg),
     }
-    path = os.path.join(a.out_dir, "h200_tune.json")
+    gpu = torch.cuda.get_device_name()
+    prefix = next((g for g in ("h100", "h200", "b200") if g in gpu.lower()), "gpu")
+    path = os.path.join(a.out_dir, f"{prefix}_tune.json")
     for part in a.parts:
         t0 = time.time()
         if part == "select":
@@ -371,7 +417,7 @@ def main():
             for L in a.memory_lengths:
                 run_memory(L, out, cfg)
         elif part == "kernel":
-            run_kernel(a.kernel_length, out)
+            run_kernel(a.kernel_length, out, a.kernel_options)
         print(f"== {part} done in {time.time() - t0:.0f}s", flush=True)
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
