@@ -62,6 +62,7 @@ __all__ = [
     "score_documents",
     "fine_document_probs",
     "select_document_tables",
+    "key_windows",
     "document_mask_mod",
     "dense_document_mask",
     "visible_document_blocks",
@@ -492,19 +493,69 @@ def fine_document_probs(config, q_fine, q_fine_hi, k_fine, k_fine_lo, k_fine_hi,
     return per_key_block.sum(3) / runs
 
 
-def _allowed(layout: DocLayout, rows: Tensor) -> tuple[Tensor, Tensor]:
+def _allowed(layout: DocLayout, rows: Tensor, cols: slice = slice(None)) -> tuple[Tensor, Tensor]:
     """Bool ``(B, R, Nk)``: key blocks holding a real key visible to some query of the row
-    (for one document, exactly its visible blocks), and bool ``(B, R)`` empty rows.
+    (for one document, exactly its visible blocks), and bool ``(B, R)`` empty rows; with
+    ``cols``, only those key blocks.
 
     The keys visible to a query block's queries are the real keys from the first token of
     its first real query's document to its last real query (documents are contiguous)."""
     start = layout.q_start.index_select(1, rows)
     last = layout.q_hi.index_select(1, rows)
     empty = last < 0
-    allowed = (layout.k_hi[:, None, :] >= start[..., None]) & (
-        layout.k_lo[:, None, :] <= last[..., None]
+    allowed = (layout.k_hi[:, None, cols] >= start[..., None]) & (
+        layout.k_lo[:, None, cols] <= last[..., None]
     )
     return allowed & ~empty[..., None], empty
+
+
+def key_windows(
+    layout: DocLayout, q_len: int, kv_len: int, block_size: int, budget: int, min_rows: int = 64
+):
+    """How to score the query blocks of a documents call in chunks, each against the key
+    blocks its rows can see only: ``[(row_start, num_rows, col_start, num_cols), ...]`` (host
+    ints; one device-to-host copy of ``(B, Nq)`` ints).
+
+    Why: a query block sees keys of its own document only, so a packed row of documents needs
+    the scores of its diagonal band of documents, not the whole ``Nq x Nk`` table (8
+    documents of 16K tokens: an eighth of it). A chunk's columns run from the first block of
+    the earliest document its rows belong to, over every row of the batch, to the causal
+    diagonal of its last row: a superset of every row's visible blocks, so the selection is the
+    full-width one. Chunks close at a document's first query block once they hold
+    ``min_rows`` rows (each chunk costs launches of its own: small documents share one; 64
+    blocks of 128 are 8K tokens, where a chunk's fixed cost is a small share of its work), and
+    when ``rows x columns`` would pass ``budget`` (``max_score_elements`` per batch row and
+    head, as without documents).
+    """
+    nq = layout.q_lo.shape[1]
+    nk = layout.k_lo.shape[1]
+    starts = layout.q_start.clamp_min(0) // block_size  # (B, Nq): first visible key block
+    starts = torch.where(layout.q_hi >= 0, starts, nk).amin(0).tolist()  # empty rows: none
+    offset = kv_len - q_len
+    windows = []
+    row = 0
+    while row < nq:
+        lo = min(starts[row], nk - 1)
+        n = 0
+        while row + n < nq:
+            r = row + n
+            # The diagonal key block of query block r (its last query, bottom-right).
+            hi = (offset + min((r + 1) * block_size, q_len) - 1) // block_size + 1
+            new_lo = min(lo, starts[r])
+            if n and (
+                (n + 1) * (hi - new_lo) > budget
+                or (n >= min_rows and starts[r] > lo and starts[r] != starts[r - 1])
+            ):
+                break
+            lo, n = new_lo, n + 1
+        last = row + n - 1
+        hi = (offset + min((last + 1) * block_size, q_len) - 1) // block_size + 1
+        # At least two columns where there are two: a size of 1 would compile again.
+        lo = max(0, min(lo, hi - 2))
+        hi = min(nk, max(hi, lo + 2))
+        windows.append((row, n, lo, hi - lo))
+        row += n
+    return windows
 
 
 def visible_document_blocks(layout: DocLayout, block_size: int) -> Tensor:
@@ -517,30 +568,37 @@ def visible_document_blocks(layout: DocLayout, block_size: int) -> Tensor:
 
 def select_document_tables(
     config, scores: DocScores, layout: DocLayout, row_start, num_rows, q_len, kv_len, high_thr,
-    low_thr, fine_thr,
+    low_thr, fine_thr, col_start=0, num_cols=None,
 ):  # fmt: skip
     """Selection of query blocks ``row_start .. row_start + num_rows - 1`` of a documents
     call, as ``BlockTables`` (partial: selected blocks where the token rule is not
-    everywhere true; full: the rest)."""
+    everywhere true; full: the rest), full width.
+
+    Only key blocks ``col_start .. col_start + num_cols - 1`` are scored (``None``: to the
+    last): the caller guarantees that they hold every block these rows can see
+    (:func:`key_windows`), so the result is the full-width selection's."""
     device = scores.q_high.device
     bs = config.block_size
     rows = torch.arange(num_rows, device=device) + row_start
-    nk = scores.k_high.shape[2]
+    nk_all = scores.k_high.shape[2]
+    nk = nk_all - col_start if num_cols is None else num_cols
+    cs = slice(col_start, col_start + nk)
     b, hq = scores.q_high.shape[:2]
-    allowed, empty = _allowed(layout, rows)  # (B, R, Nk), (B, R)
+    allowed, empty = _allowed(layout, rows, cs)  # (B, R, W), (B, R)
     soft = (allowed | empty[..., None])[:, None]  # no all -inf row
-    _, diagonal = rows_block_geometry(rows, nk, q_len, kv_len, bs)
+    _, diagonal_all = rows_block_geometry(rows, nk_all, q_len, kv_len, bs)
+    diagonal = diagonal_all[:, cs]
     picks = []
     for q_b, k_b, div, thr in (
         (scores.q_high, scores.k_high, scores.div_high, high_thr),
         (scores.q_low, scores.k_low, scores.div_low, low_thr),
     ):
-        logits = band_logits(q_b.index_select(2, rows), k_b, q_b.new_ones((b, hq)))
+        logits = band_logits(q_b.index_select(2, rows), k_b[:, :, cs], q_b.new_ones((b, hq)))
         logits = logits / div.index_select(2, rows)[..., None]
         probs = torch.softmax(logits.masked_fill(~soft, float("-inf")), dim=-1)
         picks.append(top_p_select(probs, thr))
     selected = picks[0] | picks[1]
-    cols = torch.arange(nk, device=device)
+    cols = torch.arange(nk, device=device) + col_start  # absolute key block numbers
     multi = layout.q_multi.index_select(1, rows)
     forced = multi[..., None].expand(b, num_rows, nk)  # several documents: dense row
     if config.force_sink:
@@ -549,14 +607,15 @@ def select_document_tables(
     if config.force_diagonal:
         forced = forced | diagonal
     if config.local_blocks:
-        forced = forced | local_blocks_table(rows, nk, q_len, kv_len, bs, config.local_blocks)
+        local = local_blocks_table(rows, nk_all, q_len, kv_len, bs, config.local_blocks)
+        forced = forced | local[:, cs]
     doc = layout.q_doc.index_select(1, rows)
     if config.dense_final_blocks:
         last = layout.final_row.gather(1, doc)
         forced = forced | ((last - rows < config.dense_final_blocks) & (last >= 0))[..., None]
     selected = selected | forced[:, None]
     if config.final_block_pool and scores.fine is not None:
-        fine = top_p_select(scores.fine, fine_thr)  # (B, Hq, M+1, Nk)
+        fine = top_p_select(scores.fine, fine_thr)[..., cs]  # (B, Hq, M+1, W)
         local = layout.final_row - row_start
         ok = (layout.final_row >= 0) & (local >= 0) & (local < num_rows)
         local = torch.where(ok, local, num_rows)
@@ -566,14 +625,18 @@ def select_document_tables(
         selected = selected | (hits[:, :, :num_rows] > 0)
     selected = selected & allowed[:, None]
     # Full blocks: every query and key real and of one document, keys all before the queries.
-    first_diag = diagonal.int().argmax(-1)  # (R,)
+    first_diag = diagonal_all.int().argmax(-1)  # (R,), absolute
     full_ok = (
         layout.q_pure.index_select(1, rows)[..., None]
-        & layout.k_pure[:, None, :]
-        & (doc[..., None] == layout.k_doc[:, None, :])
+        & layout.k_pure[:, None, cs]
+        & (doc[..., None] == layout.k_doc[:, None, cs])
         & (cols < first_diag[:, None])
     )[:, None]
-    return BlockTables(*compact_blocks(selected & ~full_ok), *compact_blocks(selected & full_ok))
+    # Back to full width (the tables' format: FlexAttention's Nk columns).
+    pad = (col_start, nk_all - col_start - nk)
+    partial = F.pad(selected & ~full_ok, pad)
+    full = F.pad(selected & full_ok, pad)
+    return BlockTables(*compact_blocks(partial), *compact_blocks(full))
 
 
 def padded_ids(segments: Segments, block_size: int) -> Tensor:

@@ -190,23 +190,50 @@ def block_tables(
     """The index tables of :func:`prism_flex.prism_block_mask` (inputs already checked)."""
     if segments is not None:
         layout, scores = _document_scores(q, k, config, segments, mode)
-        nq = layout.q_lo.shape[1]
-        return _marked(
-            run_stage(
-                documents.select_document_tables,
-                mode,
-                config,
-                scores,
-                layout,
-                0,
-                nq,
-                q.shape[2],
-                k.shape[2],
-                *Thresholds.of(config),
-            ),
-            mode,
-        )
+        parts = [
+            _document_tables(config, scores, layout, window, q.shape[2], k.shape[2], mode)
+            for window in _document_windows(config, layout, q.shape, k.shape[2], mode)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return BlockTables(*(torch.cat(t, dim=2) for t in zip(*parts)))
     return _all_tables(q, k, v, pool_inputs(q, k, config, mode), config, scale, mode)
+
+
+def _document_windows(config, layout, q_shape, kv_len, mode) -> list[tuple[int, int, int, int]]:
+    """``(row_start, num_rows, col_start, num_cols)`` chunks of a documents call: each chunk of
+    query blocks scored against the key blocks its documents hold
+    (:func:`documents.key_windows`; one host sync), or, while traced (no host sync there),
+    full-width chunks of :func:`chunk_rows` rows."""
+    batch, hq, q_len, _ = q_shape
+    nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
+    if mode is Mode.TRACED:
+        rows = chunk_rows(config, batch, hq, nk)
+        return [(s, min(rows, nq - s), 0, nk) for s in range(0, nq, rows)]
+    budget = max(1, config.max_score_elements // (batch * hq))
+    return documents.key_windows(layout, q_len, kv_len, config.block_size, budget)
+
+
+def _document_tables(config, scores, layout, window, q_len, kv_len, mode) -> BlockTables:
+    """The full-width tables of one chunk of :func:`_document_windows`."""
+    start, n, col, width = window
+    return _marked(
+        run_stage(
+            documents.select_document_tables,
+            mode,
+            config,
+            scores,
+            layout,
+            start,
+            n,
+            q_len,
+            kv_len,
+            *Thresholds.of(config),
+            col,
+            width,
+        ),
+        mode,
+    )
 
 
 def table_block_mask(
@@ -508,7 +535,8 @@ def _document_scores(q, k, config, segments, mode):
 
 def _document_forward(q, k, v, config, scale, mode, segments):
     """:func:`prism_forward` with documents/padding (``documents.py``); queries in chunks
-    of query blocks as without."""
+    of query blocks, each scored against its documents' key blocks only
+    (:func:`_document_windows`) and attended with a mask of its own."""
     if config.output_error is not None:
         raise NotImplementedError(
             "PrismConfig.output_error (the threshold fit) does not support padding or packed "
@@ -518,28 +546,12 @@ def _document_forward(q, k, v, config, scale, mode, segments):
     kv_len = k.shape[2]
     bs = config.block_size
     layout, scores = _document_scores(q, k, config, segments, mode)
-    nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
-    rows = chunk_rows(config, batch, hq, nk)
-    thresholds = Thresholds.of(config)
+    nq = layout.q_lo.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     chosen = torch.zeros((batch, hq), dtype=torch.float32, device=q.device)
-    for start in range(0, nq, rows):
-        n = min(rows, nq - start)
-        tables = _marked(
-            run_stage(
-                documents.select_document_tables,
-                mode,
-                config,
-                scores,
-                layout,
-                start,
-                n,
-                q_len,
-                kv_len,
-                *thresholds,
-            ),
-            mode,
-        )
+    for window in _document_windows(config, layout, q.shape, kv_len, mode):
+        start, n = window[:2]
+        tables = _document_tables(config, scores, layout, window, q_len, kv_len, mode)
         first, last = start * bs, min((start + n) * bs, q_len)
         mask = table_block_mask(tables, q_len, kv_len, first, config, q.device, segments)
         q_chunk = q if n == nq else q[:, :, first:last].contiguous()

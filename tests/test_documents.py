@@ -351,3 +351,49 @@ def test_traced_in_a_user_compile_equals_eager_and_asserts():
     bad[0, 30:40] = 2
     with pytest.raises(RuntimeError, match="contiguous run"):
         compiled(q, k, v, kpm, bad)
+
+
+def _dense_tables(tables, nk):
+    """Bool ``(B, H, R, Nk)`` of the blocks a ``BlockTables`` lists (partial, full)."""
+
+    def dense(num, idx):
+        listed = torch.arange(nk) < num[..., None]
+        return torch.zeros(idx.shape, dtype=torch.bool).scatter(-1, idx.long(), listed)
+
+    return dense(tables.partial_num, tables.partial_idx), dense(tables.full_num, tables.full_idx)
+
+
+@given(problems(), st.integers(1, 4), st.integers(1, 400))
+def test_key_windows_cover_the_visible_blocks_and_select_as_full_width(p, min_rows, budget):
+    """Each chunk of :func:`documents.key_windows` holds every key block its rows can see, the
+    chunks partition the query blocks, and the selection scored on the chunks' columns only
+    equals the full-width selection (the documents path of prism_block_mask and
+    prism_attention)."""
+    from prism_flex import documents, pipeline
+    from prism_flex._compile import Mode
+    from prism_flex.selection import Thresholds
+
+    q, k, _ = _qkv(p)
+    seg = documents.make_segments(
+        **_args(p["ids"]), cu_seqlens=None, batch=q.shape[0], kv_len=p["lkv"], device=q.device,
+        check_values=True,
+    )  # fmt: skip
+    layout, scores = pipeline._document_scores(q, k, CFG, seg, Mode.EAGER)
+    nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
+    windows = documents.key_windows(layout, p["lq"], p["lkv"], BS, budget, min_rows)
+    assert [w[0] for w in windows] == [sum(w[1] for w in windows[:i]) for i in range(len(windows))]
+    assert sum(w[1] for w in windows) == nq
+    args = (p["lq"], p["lkv"], *Thresholds.of(CFG))
+    parts = []
+    for start, n, col, width in windows:
+        assert 0 <= col and width >= min(2, nk) and col + width <= nk
+        rows_ = torch.arange(start, start + n)
+        allowed, _ = documents._allowed(layout, rows_)
+        assert not allowed[..., :col].any() and not allowed[..., col + width :].any()
+        parts.append(
+            documents.select_document_tables(CFG, scores, layout, start, n, *args, col, width)
+        )
+    full = documents.select_document_tables(CFG, scores, layout, 0, nq, *args)
+    windowed = [torch.cat(t, dim=2) for t in zip(*parts)]
+    for got, want in zip(_dense_tables(type(full)(*windowed), nk), _dense_tables(full, nk)):
+        assert torch.equal(got, want)
