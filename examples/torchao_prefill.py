@@ -118,7 +118,7 @@ def run_variant(
     prefill()  # warm-up: compiles (Prism's stages, or the model), warms torchao kernels
     if compile_model:
         # A spare warm-up: Prism's stages used to compile again on the second call of a
-        # compiled model (fixed by the custom op in prism_flex/attention.py); anything else
+        # compiled model (fixed by the custom op in prism_flex/dispatch.py); anything else
         # that recompiles there is not timed either.
         prefill()
     seconds, hidden = timed(prefill, device)

@@ -10,7 +10,7 @@ function ``stage(config, *args)``. How it runs is decided once, at the public en
   on CUDA, short calls can also replay a CUDA graph of it (:class:`GraphedStage`);
 - ``TRACED``: we are being traced by a ``torch.compile`` of the user's model: stages are
   called as they are and become part of that graph (attention itself then goes through the
-  custom op in ``attention.py``).
+  custom op in ``dispatch.py``).
 
 Nothing here imports the pipeline modules: they are passed in as function objects.
 """
@@ -93,7 +93,7 @@ def _shape_rules():
     continuing a cache, ``Lq < Lkv``, recompiled every stage. ``use_duck_shape=False`` gives
     each size its own symbol. Patched for our calls only and restored on exit (the user's own
     compiles keep torch's defaults); the option exists in torch 2.11 and later. (A size of 1
-    is still specialised, so compiled batches run row by row: ``attention._sparse``.)
+    is still specialised, so compiled batches run row by row: ``dispatch._sparse``.)
     """
     from torch.fx.experimental import _config as shape_config
 

@@ -1,14 +1,14 @@
 """Public functions: Prism block mask and Prism attention.
 
-Each entry checks its inputs, decides once how to run (:class:`~prism_flex._compile.Mode`:
-eager, compiled by us, or traced by a ``torch.compile`` of the user's model) and hands over
-to ``pipeline.py``. Traced, :func:`prism_attention` becomes one opaque custom op (below),
-which runs the same compiled pipeline on real tensors.
+Each entry checks its inputs (``checks.py``), decides once how to run
+(:class:`~prism_flex._compile.Mode`: eager, compiled by us, or traced by a ``torch.compile`` of
+the user's model) and hands over: the attention to ``dispatch.py`` (dense or sparse; traced,
+one opaque custom op that runs the same compiled pipeline on real tensors), the mask to
+``pipeline.py``.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -17,7 +17,9 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from . import documents, pipeline
 from ._compile import Mode, uniform_dispatch_keys
+from .checks import MAX_HEADS, check_config, check_inputs
 from .config import PrismConfig
+from .dispatch import FIT_DOCUMENTS_ERROR, attention_with_segments, takes_dense_path
 from .scoring import BandScores
 from .selection import Selection, Thresholds, select_rows
 
@@ -36,106 +38,6 @@ __all__ = [
 
 _DEFAULT_CONFIG = PrismConfig()
 
-#: Largest head count taken (the largest public models have 128 query heads). Why a limit:
-#: a tensor in the (B, L, H, D) layout of FlashAttention has the sequence where the heads
-#: belong, and passes every other check when Hq == Hkv; its "head count" is then a length.
-MAX_HEADS = 1024
-
-_LAYOUT_HINT = (
-    "prism_flex takes the (batch, heads, seq_len, head_dim) layout of "
-    "F.scaled_dot_product_attention; for (batch, seq_len, heads, head_dim) tensors (the "
-    "FlashAttention layout) pass q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)"
-)
-
-
-def check_inputs(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> None:
-    """Raise ``TypeError``/``ValueError`` for inputs the attention cannot take.
-
-    Expected: q ``(B, Hq, Lq, D)``, k and v ``(B, Hkv, Lkv, D)``, one floating dtype and one
-    device, ``Hq % Hkv == 0``, ``1 <= Hq <= MAX_HEADS``, ``1 <= Lq <= Lkv``, ``D`` even.
-    NaN and Inf are not looked for (that would synchronise with the GPU): they propagate as
-    in SDPA.
-    """
-    if _plainly_valid(q, k, v):
-        return
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (batch, heads, seq_len, head_dim), got shape "
-                f"{tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in named[1:]:
-        if t.dtype != q.dtype:
-            raise TypeError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(
-                f"q and {name} must be on the same device, got {q.device} and {t.device}"
-            )
-    bq, hq, lq, d = q.shape
-    bk, hkv, lkv, dk = k.shape
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}"
-    if max(hq, hkv) > MAX_HEADS:
-        raise ValueError(
-            f"{shapes}: more than {MAX_HEADS} heads, which looks like a sequence length in "
-            f"the heads dim. {_LAYOUT_HINT}"
-        )
-    if bk != bq:
-        raise ValueError(f"q and k must have the same batch size, got {bq} and {bk}")
-    if dk != d:
-        raise ValueError(f"q and k must have the same head_dim, got {d} and {dk}")
-    if v is not None and tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(
-            f"{shapes}: the number of query heads ({hq}) must be a multiple of the number of "
-            f"key/value heads ({hkv}). {_LAYOUT_HINT}"
-        )
-    if lq == 0 or lkv == 0 or bq == 0:
-        raise ValueError(f"empty input: batch={bq}, q_len={lq}, kv_len={lkv}")
-    if lq > lkv:
-        raise ValueError(
-            f"{shapes}: q_len ({lq}) must not exceed kv_len ({lkv}): queries are the last "
-            f"q_len positions of the key sequence (bottom-right causal alignment). If the "
-            f"heads are in dim 2: {_LAYOUT_HINT}"
-        )
-    if d % 2:
-        raise ValueError(f"head_dim must be even (RoPE pairs), got {d}")
-
-
-def _plainly_valid(q, k, v) -> bool:
-    """The common case of :func:`check_inputs` in one expression, building no message: it is
-    on the path of every attention call, and short prefills are host-bound (bench/NOTES.md,
-    ninth round). ``False`` sends the inputs through the detailed checks, which raise."""
-    if not (isinstance(q, Tensor) and isinstance(k, Tensor)):
-        return False
-    if v is not None and not (isinstance(v, Tensor) and v.shape == k.shape):
-        return False
-    qs, ks, dtype, device = q.shape, k.shape, q.dtype, q.device
-    return (
-        len(qs) == 4
-        and len(ks) == 4
-        and q.is_floating_point()
-        and k.dtype == dtype
-        and k.device == device
-        and (v is None or (v.dtype == dtype and v.device == device))
-        and qs[0] == ks[0] > 0
-        and qs[3] == ks[3]
-        and qs[3] % 2 == 0
-        and 0 < ks[1] <= qs[1] <= MAX_HEADS
-        and qs[1] % ks[1] == 0
-        and 0 < qs[2] <= ks[2]
-    )
-
-
-def _check_config(config) -> None:
-    if not isinstance(config, PrismConfig):
-        raise TypeError(f"config must be a PrismConfig, got {type(config).__name__}")
-
 
 def score_inputs(q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG) -> BandScores:
     """The per-call part of the scoring, eagerly: pooled bands and their logit divisors.
@@ -146,7 +48,7 @@ def score_inputs(q: Tensor, k: Tensor, config: PrismConfig = _DEFAULT_CONFIG) ->
         :class:`~prism_flex.scoring.BandScores`.
     """
     check_inputs(q, k)
-    _check_config(config)
+    check_config(config)
     pooled = pipeline.pool_inputs(q.detach(), k.detach(), config, Mode.EAGER)
     return pipeline.band_scores(pooled, config, Mode.EAGER)
 
@@ -206,10 +108,10 @@ def prism_block_mask(
         documents the ``mask_mod`` is the token rule (causal, same document, real key) and
         every block holding a boundary or padding is partial.
     """
-    _check_config(config)
+    check_config(config)
     segments = _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled)
     if segments is not None and config.output_error is not None:
-        raise NotImplementedError(_FIT_DOCUMENTS_ERROR)
+        raise NotImplementedError(FIT_DOCUMENTS_ERROR)
     if config.output_error is not None and v is None:
         raise ValueError(
             "PrismConfig.output_error fits the thresholds to attention outputs: pass v= to "
@@ -222,13 +124,6 @@ def prism_block_mask(
         q.detach(), k.detach(), None if v is None else v.detach(), config, scale, mode, segments
     )
     return pipeline.table_block_mask(tables, q.shape[2], k.shape[2], 0, config, q.device, segments)
-
-
-_FIT_DOCUMENTS_ERROR = (
-    "PrismConfig.output_error (the threshold fit) does not support key_padding_mask, "
-    "document_ids or cu_seqlens yet: set output_error=None (fixed thresholds) for padded or "
-    "packed calls"
-)
 
 
 def _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled):
@@ -364,131 +259,7 @@ def prism_attention(
     exact and its gradients are right, but nothing is saved.
     """
     check_inputs(q, k, v)
-    _check_config(config)
+    check_config(config)
     config.band_dims(q.shape[-1])
     segments = _segments(q, k, key_padding_mask, document_ids, cu_seqlens, compiled)
     return attention_with_segments(q, k, v, config, scale, return_density, compiled, segments)
-
-
-def attention_with_segments(q, k, v, config, scale, return_density, compiled, segments):
-    """:func:`prism_attention` of checked inputs with padding/documents already in their
-    internal form (``None``: none), e.g. made once per forward by an integration."""
-    if segments is not None and config.output_error is not None:
-        raise NotImplementedError(_FIT_DOCUMENTS_ERROR)
-    mode = Mode.at_entry(compiled)
-    if _needs_grad(q, k, v) and mode is not Mode.TRACED:
-        warnings.warn(
-            "prism_attention is inference only: inputs that require grad run dense "
-            "attention (exact, differentiable, no speed-up). For sparse prefill call the "
-            "model under torch.inference_mode() or torch.no_grad().",
-            stacklevel=3,
-        )
-    if mode is Mode.TRACED and not _needs_grad(q, k, v):
-        # The size rule is decided inside the op, on real sizes (no guard in the user's graph).
-        if segments is None:
-            out, density = _prism_op(q, k, v, config.to_json(), scale)
-        else:
-            out, density = _prism_documents_op(
-                q, k, v, config.to_json(), scale, segments.ids, segments.padded
-            )
-        return (out, density) if return_density else out
-    out, density = _run(q, k, v, config, scale, mode, segments, density=return_density)
-    return (out, density) if return_density else out
-
-
-def takes_dense_path(q: Tensor, k: Tensor, v: Tensor, config: PrismConfig) -> bool:
-    """Whether :func:`prism_attention` runs dense attention for these inputs (eager calls):
-    inputs that require grad with grad enabled, or a call too small for sparsity to pay
-    (:meth:`PrismConfig.runs_dense`). Host-side: no tensor is read."""
-    return _needs_grad(q, k, v) or config.runs_dense(q.shape, k.shape[2])
-
-
-def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
-def _run(q, k, v, config, scale, mode, segments=None, *, density: bool = True):
-    """``(out, density)``: dense attention (differentiable) where :func:`takes_dense_path`,
-    else the Prism pipeline on detached inputs. On the dense path the density (all ones) is
-    made only with ``density=True`` (else ``None``): the dense path is most of the calls of
-    short prompts, whose forward is host-bound."""
-    if takes_dense_path(q, k, v, config):
-        out = pipeline.dense_attention(q, k, v, scale, mode, segments)
-        ones = torch.ones(q.shape[:2], dtype=torch.float32, device=q.device) if density else None
-        return out, ones
-    return _sparse(q.detach(), k.detach(), v.detach(), config, scale, mode, segments)
-
-
-@uniform_dispatch_keys
-@torch.no_grad()
-def _sparse(q, k, v, config, scale, mode, segments=None):
-    if mode is not Mode.COMPILED or q.shape[0] == 1:
-        return pipeline.prism_forward(q, k, v, config, scale, mode, segments)
-    # Compiled, a batch runs row by row. Why: dynamo specialises a size of 1, so batch 1 (the
-    # usual first call) compiled every stage again at the first batch of 2; one row at a time,
-    # one compilation (and one set of CUDA graphs) serves every batch size. The rows are
-    # independent, so the result is the same; the cost is a launch sequence per row, small
-    # where sparsity pays (long rows), and an output copy. With documents, every row takes
-    # the batch's largest document count (counted once).
-    if segments is not None:
-        segments = segments._replace(num_docs=documents.count_documents(segments))
-    rows = [
-        pipeline.prism_forward(
-            q[i : i + 1],
-            k[i : i + 1],
-            v[i : i + 1],
-            config,
-            scale,
-            mode,
-            None if segments is None else segments._replace(ids=segments.ids[i : i + 1]),
-        )
-        for i in range(q.shape[0])
-    ]
-    return torch.cat([out for out, _ in rows]), torch.cat([density for _, density in rows])
-
-
-# Traced inline into a user's compiled model, FlexAttention with a mask computed in the same
-# graph trips several bugs of torch's inductor (torch 2.11 and 2.13): on CPU, an elementwise
-# op fused onto its output ("Unsupported for epilogue_nodes in CppFlexAttentionTemplate"), a
-# tensor or symbolic ``kv_len - q_len`` captured by the ``mask_mod`` ("NoValidChoicesError"),
-# a query that is a view of a 2-d buffer; on CUDA, "CantSplit" in the Triton code generation
-# when K/V are slices of a KV cache written in the graph. Behind a custom op (the public
-# extension point, ``torch.library.custom_op``) the user's graph sees one opaque call, and
-# the op runs our compiled pipeline on real tensors, as in eager use. The config crosses the
-# op boundary once, as its JSON form (``PrismConfig.to_json``).
-@torch.library.custom_op("prism_flex::prism_attention", mutates_args=())
-def _prism_op(
-    q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float]
-) -> tuple[Tensor, Tensor]:
-    config = PrismConfig.from_json(config_json)
-    out, density = _run(q, k, v, config, scale, Mode.COMPILED)
-    # Contiguous, as the fake below promises (flex_attention's output follows q's strides).
-    return out.contiguous(), density
-
-
-@_prism_op.register_fake
-def _(q, k, v, config_json, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[:2], dtype=torch.float32
-    )
-
-
-# The same op with padding/documents: the per-token ids cross the boundary as a tensor (the
-# internal form, ``documents.Segments.ids``), the number of documents is counted inside on
-# real tensors.
-@torch.library.custom_op("prism_flex::prism_attention_documents", mutates_args=())
-def _prism_documents_op(
-    q: Tensor, k: Tensor, v: Tensor, config_json: str, scale: Optional[float], ids: Tensor,
-    padded: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    config = PrismConfig.from_json(config_json)
-    segments = documents.Segments(ids, None, padded)
-    out, density = _run(q, k, v, config, scale, Mode.COMPILED, segments)
-    return out.contiguous(), density
-
-
-@_prism_documents_op.register_fake
-def _(q, k, v, config_json, scale, ids, padded):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[:2], dtype=torch.float32
-    )

@@ -53,8 +53,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from . import pipeline
 from ._compile import Mode, lengths_only_dynamic, run_stage, uniform_dispatch_keys
-from .attention import check_inputs
 from .block_mask import BlockTables, compact_blocks
+from .checks import check_inputs
 from .config import PrismConfig
 from .scoring import pool_blocks
 from .selection import Thresholds, select_rows

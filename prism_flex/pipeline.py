@@ -362,7 +362,7 @@ def prism_forward(
     segments: Optional[documents.Segments] = None,
 ) -> tuple[Tensor, Tensor]:
     """Prism attention (the sparse path) of checked, detached inputs that need no grad;
-    ``attention.py`` decides when to run dense instead.
+    ``dispatch.py`` decides when to run dense instead.
 
     Returns:
         ``(out (B, Hq, Lq, D), density (B, Hq) float32)``.

@@ -120,16 +120,16 @@ def test_the_fast_check_accepts_only_what_the_detailed_checks_accept(monkeypatch
     input the detailed checks reject (nor, to stay the fast path, reject a valid one)."""
     import itertools
 
-    from prism_flex import attention
+    from prism_flex import checks
 
     shapes = [(1, 4, 8, 8), (1, 2, 8, 8), (2, 4, 8, 8), (1, 4, 4, 8), (1, 4, 8, 6), (1, 3, 8, 8),
               (1, 4, 8, 7), (1, 4, 0, 8), (0, 4, 8, 8), (1, 2048, 8, 8), (1, 4, 8)]  # fmt: skip
 
     def detailed_accepts(q, k, v):
         with monkeypatch.context() as m:
-            m.setattr(attention, "_plainly_valid", lambda *a: False)
+            m.setattr(checks, "plainly_valid", lambda *a: False)
             try:
-                attention.check_inputs(q, k, v)
+                checks.check_inputs(q, k, v)
             except (TypeError, ValueError):
                 return False
             return True
@@ -139,6 +139,6 @@ def test_the_fast_check_accepts_only_what_the_detailed_checks_accept(monkeypatch
     ):
         q, k = torch.zeros(qs), torch.zeros(ks, dtype=dtype)
         v = k.clone() if vs == "k" else None if vs is None else torch.zeros(vs)
-        assert attention._plainly_valid(q, k, v) == detailed_accepts(q, k, v), (qs, ks, vs, dtype)
+        assert checks.plainly_valid(q, k, v) == detailed_accepts(q, k, v), (qs, ks, vs, dtype)
     ints = torch.zeros(1, 4, 8, 8, dtype=torch.int32)
-    assert not attention._plainly_valid(ints, ints, ints) and not detailed_accepts(ints, ints, ints)
+    assert not checks.plainly_valid(ints, ints, ints) and not detailed_accepts(ints, ints, ints)

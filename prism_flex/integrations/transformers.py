@@ -88,14 +88,9 @@ from transformers.masking_utils import (  # noqa: E402
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from ..attention import (
-    _needs_grad,
-    _plainly_valid,
-    attention_with_segments,
-    check_inputs,
-    takes_dense_path,
-)
+from ..checks import check_inputs, plainly_valid
 from ..config import PrismConfig
+from ..dispatch import attention_with_segments, needs_grad, takes_dense_path
 from ..documents import Segments
 from ..pipeline import dense_causal_sdpa
 
@@ -483,9 +478,9 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
             and not _RECORDERS
             and not torch.compiler.is_compiling()
             and query.shape[2] == key.shape[2]
-            and _plainly_valid(query, key, value)
+            and plainly_valid(query, key, value)
             and cfg.runs_dense(query.shape, key.shape[2])
-            and not _needs_grad(query, key, value)  # that case warns, below
+            and not needs_grad(query, key, value)  # that case warns, below
         ):
             # A short prompt's call (every call of a chat-length prefill): the SDPA call of
             # prism_attention's dense path without the Python in between. Such forwards are
