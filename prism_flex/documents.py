@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .block_mask import BlockTables, compact_blocks
-from .scoring import band, band_logits, local_blocks_table, pool_blocks, rows_block_geometry
+from .scoring import band, band_logits, pool_blocks, rows_diagonal_range
 from .selection import top_p_select
 
 __all__ = [
@@ -493,19 +493,22 @@ def fine_document_probs(config, q_fine, q_fine_hi, k_fine, k_fine_lo, k_fine_hi,
     return per_key_block.sum(3) / runs
 
 
-def _allowed(layout: DocLayout, rows: Tensor, cols: slice = slice(None)) -> tuple[Tensor, Tensor]:
+def _allowed(
+    layout: DocLayout, rows: Tensor, cols: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """Bool ``(B, R, Nk)``: key blocks holding a real key visible to some query of the row
     (for one document, exactly its visible blocks), and bool ``(B, R)`` empty rows; with
-    ``cols``, only those key blocks.
+    ``cols`` (int64 ``(W,)``), only those key blocks.
 
     The keys visible to a query block's queries are the real keys from the first token of
     its first real query's document to its last real query (documents are contiguous)."""
     start = layout.q_start.index_select(1, rows)
     last = layout.q_hi.index_select(1, rows)
     empty = last < 0
-    allowed = (layout.k_hi[:, None, cols] >= start[..., None]) & (
-        layout.k_lo[:, None, cols] <= last[..., None]
-    )
+    k_hi, k_lo = layout.k_hi, layout.k_lo
+    if cols is not None:
+        k_hi, k_lo = k_hi.index_select(1, cols), k_lo.index_select(1, cols)
+    allowed = (k_hi[:, None, :] >= start[..., None]) & (k_lo[:, None, :] <= last[..., None])
     return allowed & ~empty[..., None], empty
 
 
@@ -582,23 +585,26 @@ def select_document_tables(
     rows = torch.arange(num_rows, device=device) + row_start
     nk_all = scores.k_high.shape[2]
     nk = nk_all - col_start if num_cols is None else num_cols
-    cs = slice(col_start, col_start + nk)
     b, hq = scores.q_high.shape[:2]
-    allowed, empty = _allowed(layout, rows, cs)  # (B, R, W), (B, R)
+    # The window's key blocks, absolute. Gathered (index_select), never sliced: a slice is
+    # contiguous only when it is the whole row, and a compiled call guards on that (a second
+    # graph for single-window calls).
+    cols = torch.arange(nk, device=device) + col_start
+    allowed, empty = _allowed(layout, rows, cols)  # (B, R, W), (B, R)
     soft = (allowed | empty[..., None])[:, None]  # no all -inf row
-    _, diagonal_all = rows_block_geometry(rows, nk_all, q_len, kv_len, bs)
-    diagonal = diagonal_all[:, cs]
+    first_diag, last_diag = rows_diagonal_range(rows, q_len, kv_len, bs)  # (R,), absolute
+    diagonal = (cols[None, :] <= last_diag[:, None]) & (cols[None, :] >= first_diag[:, None])
     picks = []
     for q_b, k_b, div, thr in (
         (scores.q_high, scores.k_high, scores.div_high, high_thr),
         (scores.q_low, scores.k_low, scores.div_low, low_thr),
     ):
-        logits = band_logits(q_b.index_select(2, rows), k_b[:, :, cs], q_b.new_ones((b, hq)))
+        k_w = k_b.index_select(2, cols)
+        logits = band_logits(q_b.index_select(2, rows), k_w, q_b.new_ones((b, hq)))
         logits = logits / div.index_select(2, rows)[..., None]
         probs = torch.softmax(logits.masked_fill(~soft, float("-inf")), dim=-1)
         picks.append(top_p_select(probs, thr))
     selected = picks[0] | picks[1]
-    cols = torch.arange(nk, device=device) + col_start  # absolute key block numbers
     multi = layout.q_multi.index_select(1, rows)
     forced = multi[..., None].expand(b, num_rows, nk)  # several documents: dense row
     if config.force_sink:
@@ -607,29 +613,28 @@ def select_document_tables(
     if config.force_diagonal:
         forced = forced | diagonal
     if config.local_blocks:
-        local = local_blocks_table(rows, nk_all, q_len, kv_len, bs, config.local_blocks)
-        forced = forced | local[:, cs]
+        first = first_diag[:, None]
+        forced = forced | ((cols < first) & (cols >= first - config.local_blocks))
     doc = layout.q_doc.index_select(1, rows)
     if config.dense_final_blocks:
         last = layout.final_row.gather(1, doc)
         forced = forced | ((last - rows < config.dense_final_blocks) & (last >= 0))[..., None]
     selected = selected | forced[:, None]
     if config.final_block_pool and scores.fine is not None:
-        fine = top_p_select(scores.fine, fine_thr)[..., cs]  # (B, Hq, M+1, W)
+        fine = top_p_select(scores.fine, fine_thr)  # (B, Hq, M+1, Nk)
         local = layout.final_row - row_start
         ok = (layout.final_row >= 0) & (local >= 0) & (local < num_rows)
         local = torch.where(ok, local, num_rows)
-        index = local[:, None, :, None].expand(b, hq, local.shape[1], nk)
-        hits = torch.zeros((b, hq, num_rows + 1, nk), dtype=torch.int32, device=device)
-        hits = hits.scatter_add(2, index, fine.int())
+        index = local[:, None, :, None].expand(b, hq, local.shape[1], nk_all)
+        hits = torch.zeros((b, hq, num_rows + 1, nk_all), dtype=torch.int32, device=device)
+        hits = hits.scatter_add(2, index, fine.int()).index_select(3, cols)
         selected = selected | (hits[:, :, :num_rows] > 0)
     selected = selected & allowed[:, None]
     # Full blocks: every query and key real and of one document, keys all before the queries.
-    first_diag = diagonal_all.int().argmax(-1)  # (R,), absolute
     full_ok = (
         layout.q_pure.index_select(1, rows)[..., None]
-        & layout.k_pure[:, None, cs]
-        & (doc[..., None] == layout.k_doc[:, None, cs])
+        & layout.k_pure.index_select(1, cols)[:, None, :]
+        & (doc[..., None] == layout.k_doc.index_select(1, cols)[:, None, :])
         & (cols < first_diag[:, None])
     )[:, None]
     # Back to full width (the tables' format: FlexAttention's Nk columns).

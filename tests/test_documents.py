@@ -397,3 +397,25 @@ def test_key_windows_cover_the_visible_blocks_and_select_as_full_width(p, min_ro
     windowed = [torch.cat(t, dim=2) for t in zip(*parts)]
     for got, want in zip(_dense_tables(type(full)(*windowed), nk), _dense_tables(full, nk)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.slow  # compiles the documents stages on CPU (~15 s)
+def test_compiled_packed_calls_of_other_layouts_compile_nothing_new():
+    """After one packed call, other document layouts (other chunk windows, one document: the
+    whole width) reuse the compiled graphs: the windows are gathered, never sliced."""
+    from torch._dynamo.utils import counters
+
+    def call(lens):
+        total = sum(lens)
+        gen = torch.Generator().manual_seed(total)
+        q = torch.randn(1, 4, total, 32, generator=gen)
+        k, v = torch.randn(1, 2, total, 32, generator=gen), torch.randn(1, 2, total, 32)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+        with torch.no_grad():
+            prism_attention(q, k, v, CFG, cu_seqlens=cu)
+
+    call([1024, 1024, 1024])  # three windows of 64 query blocks
+    before = counters["stats"]["unique_graphs"]
+    for lens in ([2048, 1024, 512, 512], [1100, 900, 2000], [4096]):
+        call(lens)
+    assert counters["stats"]["unique_graphs"] == before
