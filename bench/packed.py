@@ -117,9 +117,12 @@ def setup(method, q, k, v, cu, config, args):
         # `doc[q_idx] == doc[kv_idx]` failed to compile for the CPU, torch 2.13).
         segments = documents.make_segments(None, None, cu, 1, length, q.device, True)
         ids = documents.padded_ids(segments, config.block_size)
+        # _compile=True: evaluated block by block; uncompiled it materialises the whole
+        # (L, L) mask (128 GiB at 128K tokens: the H100 run of 2026-12-06 ran out of memory).
         mask = create_block_mask(
-            documents.document_mask_mod(ids, 0), 1, 1, length, length, device=q.device
-        )
+            documents.document_mask_mod(ids, 0), 1, 1, length, length, device=q.device,
+            _compile=q.device.type == "cuda",
+        )  # fmt: skip
         flex = compiled_flex()
         return lambda: flex(q, k, v, block_mask=mask, enable_gqa=gqa), {}
     if method == "sdpa_doc":
