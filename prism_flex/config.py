@@ -15,14 +15,20 @@ __all__ = ["PrismConfig", "PRESETS", "ROPE_LAYOUTS", "causal_attention_flops"]
 #: ``"interleaved"``: GPT-J / GPT-NeoX-interleaved: pair ``i`` is dims ``(2i, 2i + 1)``.
 ROPE_LAYOUTS = ("half", "interleaved")
 
-# Default band widths as fractions of the head dim (64 and 96 of a 128-wide head).
-_HIGH_FRACTION = 0.5
-_LOW_FRACTION = 0.75
+# Default band widths as fractions of the head dim (64 and 96 of a 128-wide head), as integer
+# ratios: a module-level float read inside a compiled stage becomes a symbolic float under
+# torch.compile(dynamic=True), and specialising it later restarted the whole trace (one more
+# dynamo pass of every stage at the first call; bench/NOTES.md, tenth round).
+_HIGH_FRACTION = (1, 2)
+_LOW_FRACTION = (3, 4)
 
 
-def _even_fraction(head_dim: int, fraction: float) -> int:
-    """``fraction * head_dim`` rounded half-up to an even number of dims, at least one pair."""
-    return max(2, 2 * int(math.floor(fraction * head_dim / 2 + 0.5)))
+def _even_fraction(head_dim: int, fraction: tuple[int, int]) -> int:
+    """``num / den * head_dim`` (``fraction = (num, den)``) rounded half-up to an even number
+    of dims, at least one pair; integer arithmetic: ``floor(x / 2 + 1/2)`` with ``x = num *
+    head_dim / den`` is ``(num * head_dim + den) // (2 * den)``."""
+    num, den = fraction
+    return max(2, 2 * ((num * head_dim + den) // (2 * den)))
 
 
 def _is_int(x) -> bool:
