@@ -203,11 +203,13 @@ def block_tables(
 def _document_windows(config, layout, q_shape, kv_len, mode) -> list[tuple[int, int, int, int]]:
     """``(row_start, num_rows, col_start, num_cols)`` chunks of a documents call: each chunk of
     query blocks scored against the key blocks its documents hold
-    (:func:`documents.key_windows`; one host sync), or, while traced (no host sync there),
-    full-width chunks of :func:`chunk_rows` rows."""
+    (:func:`documents.key_windows`: one host sync per call), or full-width chunks of
+    :func:`chunk_rows` rows where windows cannot help or cannot be read: one document per row
+    (padding only: every row's keys start at its first block, so the padded batches of a
+    model's forward stay free of host syncs) and while traced."""
     batch, hq, q_len, _ = q_shape
     nq, nk = layout.q_lo.shape[1], layout.k_lo.shape[1]
-    if mode is Mode.TRACED:
+    if mode is Mode.TRACED or layout.num_docs <= 1:
         rows = chunk_rows(config, batch, hq, nk)
         return [(s, min(rows, nq - s), 0, nk) for s in range(0, nq, rows)]
     budget = max(1, config.max_score_elements // (batch * hq))
