@@ -484,7 +484,7 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
         ):
             # A short prompt's call (every call of a chat-length prefill): the SDPA call of
             # prism_attention's dense path without the Python in between. Such forwards are
-            # bound by the host (Qwen2.5-0.5B at 4K tokens: bench/NOTES.md, ninth round), and
+            # bound by the host (Qwen2.5-0.5B at 4K tokens: bench/NOTES.md, rounds 9-10), and
             # there each function call costs more than on a desktop CPU, 24 times a forward.
             cfg.band_dims(query.shape[-1])  # the config errors every other call raises
             out = dense_causal_sdpa(query, key, value, scaling)
