@@ -60,7 +60,7 @@ __all__ = [
     "pool_documents",
     "DocScores",
     "score_documents",
-    "fine_document_probs",
+    "fine_document_picks",
     "select_document_tables",
     "key_windows",
     "document_mask_mod",
@@ -407,8 +407,9 @@ def pool_documents(q: Tensor, k: Tensor, segments: Segments, layout: DocLayout, 
 class DocScores(NamedTuple):
     """Pooled bands and per-query-block logit divisors of a documents call: ``q_*``
     ``(B, Hq, Nq, d)``, ``k_*`` ``(B, Hkv, Nk, d)``, ``div_*`` ``(B, Hq, Nq)`` (the divisor of
-    each query block's document); ``fine`` ``(B, Hq, M + 1, Nk)`` float32 block probabilities
-    of each document's last query block (``final_block_pool``), else ``None``."""
+    each query block's document); ``fine`` ``(B, Hq, M + 1, Nk)`` bool, the top-p key blocks
+    of each document's last query block (``final_block_pool``, :func:`fine_document_picks`),
+    else ``None``."""
 
     q_high: Tensor
     k_high: Tensor
@@ -433,7 +434,7 @@ def _doc_mean_square(x: Tensor, doc: Tensor, slots: int) -> Tensor:
 def score_documents(
     config, pooled_q, pooled_k, q_doc, k_doc, num_docs, high_temperature, low_temperature
 ) -> DocScores:
-    """Bands and per-document temperatures (``fine`` left ``None``: :func:`fine_document_probs`).
+    """Bands and per-document temperatures (``fine`` left ``None``: :func:`fine_document_picks`).
 
     Calibration as ``scoring.band_temperature``, with the rms over the blocks of one
     document (a query block's divisor is its document's)."""
@@ -465,10 +466,13 @@ def score_documents(
     return DocScores(*parts, None)
 
 
-def fine_document_probs(config, q_fine, q_fine_hi, k_fine, k_fine_lo, k_fine_hi, doc_start, nk):
-    """``final_block_pool``'s block probabilities of the last query block of documents
-    ``(B, Hq, M', Nk)`` (``M'`` documents of a chunk: ``q_fine`` ``(B, Hq, M', G, D)``,
-    ``q_fine_hi`` and ``doc_start`` of the same documents).
+def fine_document_picks(
+    config, q_fine, q_fine_hi, k_fine, k_fine_lo, k_fine_hi, doc_start, nk, fine_thr
+):
+    """``final_block_pool``'s top-p key blocks (threshold ``fine_thr``) of the last query
+    block of documents, bool ``(B, Hq, M', Nk)`` (``M'`` documents of a chunk: ``q_fine``
+    ``(B, Hq, M', G, D)``, ``q_fine_hi`` and ``doc_start`` of the same documents). Picked here,
+    once per call, not in every chunk of :func:`select_document_tables`.
 
     As ``scoring.final_block_probs``, per document: each run of ``p`` queries of the
     document (its mean) against every run of ``p`` keys holding a real key of the document
@@ -490,7 +494,7 @@ def fine_document_probs(config, q_fine, q_fine_hi, k_fine, k_fine_lo, k_fine_hi,
     probs = F.pad(probs, (0, nk * per_block - rk))
     per_key_block = probs.view(b, hq, m, g, nk, per_block).sum(-1)
     runs = real.sum(-1).clamp_min(1)[:, None, :, None].float()
-    return per_key_block.sum(3) / runs
+    return top_p_select(per_key_block.sum(3) / runs, fine_thr)
 
 
 def _allowed(
@@ -571,7 +575,7 @@ def visible_document_blocks(layout: DocLayout, block_size: int) -> Tensor:
 
 def select_document_tables(
     config, scores: DocScores, layout: DocLayout, row_start, num_rows, q_len, kv_len, high_thr,
-    low_thr, fine_thr, col_start=0, num_cols=None,
+    low_thr, col_start=0, num_cols=None,
 ):  # fmt: skip
     """Selection of query blocks ``row_start .. row_start + num_rows - 1`` of a documents
     call, as ``BlockTables`` (partial: selected blocks where the token rule is not
@@ -621,7 +625,7 @@ def select_document_tables(
         forced = forced | ((last - rows < config.dense_final_blocks) & (last >= 0))[..., None]
     selected = selected | forced[:, None]
     if config.final_block_pool and scores.fine is not None:
-        fine = top_p_select(scores.fine, fine_thr)  # (B, Hq, M+1, Nk)
+        fine = scores.fine  # (B, Hq, M+1, Nk) bool
         local = layout.final_row - row_start
         ok = (layout.final_row >= 0) & (local >= 0) & (local < num_rows)
         local = torch.where(ok, local, num_rows)

@@ -219,6 +219,7 @@ def _document_windows(config, layout, q_shape, kv_len, mode) -> list[tuple[int, 
 def _document_tables(config, scores, layout, window, q_len, kv_len, mode) -> BlockTables:
     """The full-width tables of one chunk of :func:`_document_windows`."""
     start, n, col, width = window
+    thresholds = Thresholds.of(config)
     return _marked(
         run_stage(
             documents.select_document_tables,
@@ -230,7 +231,8 @@ def _document_tables(config, scores, layout, window, q_len, kv_len, mode) -> Blo
             n,
             q_len,
             kv_len,
-            *Thresholds.of(config),
+            thresholds.high,
+            thresholds.low,
             col,
             width,
         ),
@@ -518,7 +520,7 @@ def _document_scores(q, k, config, segments, mode):
         step = max(1, config.max_score_elements // (batch * hq * g * pooled.k_fine.shape[2]))
         parts = [
             run_stage(
-                documents.fine_document_probs,
+                documents.fine_document_picks,
                 mode,
                 config,
                 pooled.q_fine[:, :, a : a + step],
@@ -528,6 +530,7 @@ def _document_scores(q, k, config, segments, mode):
                 pooled.k_fine_hi,
                 layout.doc_start[:, a : a + step],
                 nk,
+                Thresholds.of(config).fine,
             )
             for a in range(0, slots, step)
         ]

@@ -383,7 +383,7 @@ def test_key_windows_cover_the_visible_blocks_and_select_as_full_width(p, min_ro
     windows = documents.key_windows(layout, p["lq"], p["lkv"], BS, budget, min_rows)
     assert [w[0] for w in windows] == [sum(w[1] for w in windows[:i]) for i in range(len(windows))]
     assert sum(w[1] for w in windows) == nq
-    args = (p["lq"], p["lkv"], *Thresholds.of(CFG))
+    args = (p["lq"], p["lkv"], *Thresholds.of(CFG)[:2])
     parts = []
     for start, n, col, width in windows:
         assert 0 <= col and width >= min(2, nk) and col + width <= nk
