@@ -625,13 +625,13 @@ def select_document_tables(
         forced = forced | ((last - rows < config.dense_final_blocks) & (last >= 0))[..., None]
     selected = selected | forced[:, None]
     if config.final_block_pool and scores.fine is not None:
-        fine = scores.fine  # (B, Hq, M+1, Nk) bool
+        fine = scores.fine.index_select(3, cols)  # (B, Hq, M+1, W) bool
         local = layout.final_row - row_start
         ok = (layout.final_row >= 0) & (local >= 0) & (local < num_rows)
         local = torch.where(ok, local, num_rows)
-        index = local[:, None, :, None].expand(b, hq, local.shape[1], nk_all)
-        hits = torch.zeros((b, hq, num_rows + 1, nk_all), dtype=torch.int32, device=device)
-        hits = hits.scatter_add(2, index, fine.int()).index_select(3, cols)
+        index = local[:, None, :, None].expand(b, hq, local.shape[1], nk)
+        hits = torch.zeros((b, hq, num_rows + 1, nk), dtype=torch.int32, device=device)
+        hits = hits.scatter_add(2, index, fine.int())
         selected = selected | (hits[:, :, :num_rows] > 0)
     selected = selected & allowed[:, None]
     # Full blocks: every query and key real and of one document, keys all before the queries.
