@@ -55,6 +55,10 @@ env)
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     fi
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # nvidia-cutlass-dsl exposes `cutlass` through a .pth file, which PYTHONPATH does not run
+    if [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
+        export PYTHONPATH="/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH"
+    fi
     set +euo pipefail
     ;;
 *)

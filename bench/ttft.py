@@ -9,7 +9,11 @@ prefill. Methods:
 - ``sdpa_cudnn``: the same under ``SDPBackend.CUDNN_ATTENTION``;
 - ``prism``: ``prism_flex.integrations.transformers.register(PrismConfig())`` (compiled on CUDA,
   eager on CPU, where compiling the stages would take minutes) and
-  ``model.set_attn_implementation("prism")``.
+  ``model.set_attn_implementation("prism")``;
+- ``prism_always_sparse``: the same with ``sparse_min_flops=0`` (the selection at every length);
+- ``prism_flash``: the same as ``prism`` with ``flex_backend="flash"`` (FlashAttention-4's kernel
+  for the sparse attention; needs the ``flash`` extra and a Hopper GPU; not in the default
+  method list).
 
 On CPU the backend pins are skipped (plain sdpa) and ``time.perf_counter`` times the calls; on
 CUDA, CUDA events. Each (method, length) row makes one first call (wall time including any
@@ -56,10 +60,12 @@ from typing import Optional
 
 import torch
 
-METHODS = ("sdpa_flash", "sdpa_cudnn", "prism", "prism_always_sparse")
+METHODS = ("sdpa_flash", "sdpa_cudnn", "prism", "prism_always_sparse", "prism_flash")
+DEFAULT_METHODS = METHODS[:4]
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 PRISM_NAME = "prism"
 ALWAYS_SPARSE = "prism_always_sparse"
+FLASH_NAME = "prism_flash"
 DENSITY_NAME = "prism_ttft_density"
 
 
@@ -89,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a folder: one torch.profiler trace summary per (method, length), after the timing",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first call")
@@ -212,6 +218,7 @@ def register_prism(device: torch.device) -> None:
     # The selection at every length (no dense dispatch of small calls): where it pays is
     # how PrismConfig.sparse_min_flops is measured.
     register(dataclasses.replace(cfg, sparse_min_flops=0), ALWAYS_SPARSE, compiled=compiled)
+    register(dataclasses.replace(cfg, flex_backend="flash"), FLASH_NAME, compiled=compiled)
 
     def with_density(module, query, key, value, attention_mask, scaling=None, **kwargs):
         out, dens = prism_attention(

@@ -178,14 +178,18 @@ def uniform_dispatch_keys(fn):
     return wrapper
 
 
-def kernel_options(device: torch.device) -> Optional[dict]:
-    """FlexAttention ``kernel_options`` for ``device``: Hopper (sm90+) loads through TMA.
+def kernel_options(device: torch.device, backend: str = "triton") -> Optional[dict]:
+    """FlexAttention ``kernel_options`` for ``device`` and ``PrismConfig.flex_backend``.
 
-    Measured on the H200 at 128K tokens (bench/results/h200_tune.json): ``USE_TMA`` made the
-    sparse kernel 4-9 % faster with bit-identical outputs; tile sizes, warps and stages other
-    than the defaults were slower or equal, and ``PRESCALE_QK`` (a further ~4 %) changes the
-    rounding, so it is left off. Elsewhere: the defaults.
+    ``"triton"``: on Hopper (sm90+) loads through TMA. Measured on the H200 at 128K tokens
+    (bench/results/h200_tune.json): ``USE_TMA`` made the sparse kernel 4-9 % faster with
+    bit-identical outputs; tile sizes, warps and stages other than the defaults were slower
+    or equal, and ``PRESCALE_QK`` (a further ~4 %) changes the rounding, so it is left off.
+    Elsewhere: the defaults. ``"flash"``: FlashAttention-4's kernel (the caller has run
+    ``checks.check_flex_backend``).
     """
+    if backend == "flash":
+        return {"BACKEND": "FLASH"}
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()

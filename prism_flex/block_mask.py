@@ -140,16 +140,19 @@ def run_tables(
 def causal_mask_mod(offset):
     """Bottom-right causal ``mask_mod``: query ``q_idx`` sees keys ``kv_idx <= q_idx + offset``.
 
-    ``offset`` is ``kv_len - q_len``: the int 0 (plain causal, nothing captured) or a 0-dim
-    int tensor (a Python int would be baked into the compiled kernel).
+    ``offset`` is ``kv_len - q_len``: the int 0 (plain causal, nothing captured) or an int32
+    tensor of shape ``(B,)``, one (equal) value per batch row, read at ``offset[b]`` (a
+    Python int would be baked into the compiled kernel; a 0-dim tensor, or one read at a
+    constant index, is rejected by FlexAttention's FLASH backend in torch 2.11: "Expected
+    TensorSSA", bench/results/h100_flash_backend.json).
     """
     if not isinstance(offset, Tensor):
         if offset != 0:
-            raise ValueError("a nonzero offset must be a 0-dim tensor")
+            raise ValueError("a nonzero offset must be a (B,) tensor")
         return _causal
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
+        return q_idx + offset[b] >= kv_idx
 
     return mask_mod
 

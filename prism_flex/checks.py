@@ -3,13 +3,16 @@ config's type. Host-side only (no tensor is read)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .config import PrismConfig
 
-__all__ = ["MAX_HEADS", "check_inputs", "plainly_valid", "check_config"]
+__all__ = ["MAX_HEADS", "check_inputs", "plainly_valid", "check_config", "check_flex_backend"]
 
 #: Largest head count taken (the largest public models have 128 query heads). Why a limit:
 #: a tensor in the (B, L, H, D) layout of FlashAttention has the sequence where the heads
@@ -110,3 +113,45 @@ def plainly_valid(q, k, v) -> bool:
 def check_config(config) -> None:
     if not isinstance(config, PrismConfig):
         raise TypeError(f"config must be a PrismConfig, got {type(config).__name__}")
+
+
+def check_flex_backend(config: PrismConfig, device: torch.device, compiled: bool) -> None:
+    """Raise where ``config.flex_backend`` cannot run on ``device``: ``"flash"`` needs the
+    compiled path, a CUDA GPU of compute capability >= 9.0 and the flash-attn-4 and
+    nvidia-cutlass-dsl packages. (No silent fallback: a user who asked for FlashAttention-4
+    and got Triton would time the wrong kernel.)"""
+    if config.flex_backend != "flash":
+        return
+    if not compiled:
+        raise ValueError(
+            "PrismConfig(flex_backend='flash') runs through the compiled FlexAttention only: "
+            "call with compiled=True or use flex_backend='triton'"
+        )
+    if device.type != "cuda" or _capability(device) < (9, 0):
+        raise ValueError(
+            f"PrismConfig(flex_backend='flash') needs a CUDA GPU of compute capability 9.0 or "
+            f"newer (Hopper, Blackwell); the inputs are on {device}"
+            + (f" (capability {_capability(device)})" if device.type == "cuda" else "")
+            + ": use flex_backend='triton'"
+        )
+    missing = _missing_modules()
+    if missing:
+        raise ImportError(
+            f"PrismConfig(flex_backend='flash') needs FlashAttention-4 and CuTe-DSL (missing "
+            f'modules: {", ".join(missing)}): pip install "prism_flex[flash]", or use '
+            f"flex_backend='triton'"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_modules() -> list[str]:
+    return [m for m in ("flash_attn", "cutlass") if importlib.util.find_spec(m) is None]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_at(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_at(device.index if device.index is not None else torch.cuda.current_device())

@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["PrismConfig", "PRESETS", "ROPE_LAYOUTS", "causal_attention_flops"]
+__all__ = ["PrismConfig", "PRESETS", "ROPE_LAYOUTS", "FLEX_BACKENDS", "causal_attention_flops"]
 
 #: Supported RoPE layouts of the inputs.
 #: ``"half"``: rotate-half (Llama, Qwen, Mistral): pair ``i`` is dims ``(i, i + D/2)``.
 #: ``"interleaved"``: GPT-J / GPT-NeoX-interleaved: pair ``i`` is dims ``(2i, 2i + 1)``.
 ROPE_LAYOUTS = ("half", "interleaved")
+#: FlexAttention kernels the sparse attention can run on (``PrismConfig.flex_backend``).
+FLEX_BACKENDS = ("triton", "flash")
 
 # Default band widths as fractions of the head dim (64 and 96 of a 128-wide head), as integer
 # ratios: a module-level float read inside a compiled stage becomes a symbolic float under
@@ -171,6 +173,21 @@ class PrismConfig:
             combinable with ``output_error`` (which fits top-p thresholds). Measured against
             top-p end to end (docs/accuracy.md, "The frontier"): on its curve at 32K, below
             it at 64K and 128K (more perplexity at equal time), hence off by default.
+        flex_backend: the FlexAttention kernel of the sparse attention, one of
+            ``FLEX_BACKENDS``. ``"triton"`` (default): FlexAttention's Triton kernel, on
+            every device. ``"flash"``: FlashAttention-4 through CuTe-DSL
+            (``kernel_options={"BACKEND": "FLASH"}``); needs a CUDA GPU of compute
+            capability 9.0 or newer (Hopper, Blackwell) and the ``flash`` extra
+            (``pip install "prism_flex[flash]"``: flash-attn-4, nvidia-cutlass-dsl); a call
+            that cannot run it raises. Same masks, same outputs within bf16 rounding (H100,
+            4K tokens: the same max error against float64 as Triton's); H100, Prism's masks:
+            1.49x / 1.67x faster than Triton at 32K / 128K (Llama-8B heads), 1.45x / 1.40x
+            (Qwen2.5-0.5B heads), but 2.4x slower at 8K with Qwen's head dim 64, and its
+            first compile takes ~5 s more (bench/results/h100_flash_backend.json). Not the
+            default: FlexAttention marks it experimental in torch 2.11, and it is an extra
+            dependency. Calls with padding or packed documents and the context-parallel
+            path keep the Triton kernel (their ``mask_mod`` reads tables that the FLASH
+            code generation of torch 2.11 rejects or runs slowly).
 
     Presets: :meth:`preset` names points of the measured accuracy/speed frontier
     (``"accurate"``, ``"balanced"``, ``"fast"``; :data:`PRESETS`).
@@ -197,6 +214,7 @@ class PrismConfig:
     sparse_min_flops: float = 6e11
     max_score_elements: int = 1 << 25
     relative_cut: Optional[float] = None
+    flex_backend: str = "triton"
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
@@ -224,6 +242,11 @@ class PrismConfig:
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(
                 f"PrismConfig.rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}"
+            )
+        if self.flex_backend not in FLEX_BACKENDS:
+            raise ValueError(
+                f"PrismConfig.flex_backend must be one of {FLEX_BACKENDS}, got "
+                f"{self.flex_backend!r}"
             )
         self._check_int("dense_final_blocks", 0)
         if (

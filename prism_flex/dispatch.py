@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import documents, pipeline
 from ._compile import Mode, uniform_dispatch_keys
+from .checks import check_flex_backend
 from .config import PrismConfig
 
 __all__ = ["attention_with_segments", "takes_dense_path", "needs_grad", "FIT_DOCUMENTS_ERROR"]
@@ -76,6 +77,7 @@ def _run(q, k, v, config, scale, mode, segments=None, *, density: bool = True):
 @uniform_dispatch_keys
 @torch.no_grad()
 def _sparse(q, k, v, config, scale, mode, segments=None):
+    check_flex_backend(config, q.device, mode is not Mode.EAGER)
     if mode is not Mode.COMPILED or q.shape[0] == 1:
         return pipeline.prism_forward(q, k, v, config, scale, mode, segments)
     # Compiled, a batch runs row by row. Why: dynamo specialises a size of 1, so batch 1 (the

@@ -260,9 +260,9 @@ def table_block_mask(
     # symbolic size, which its kernel templates cannot take (torch 2.11). A tensor at 0 too:
     # one mask_mod for every call, so that the first Lq < Lkv call or the first chunked one
     # does not compile flex_attention again (bench/recompiles.py).
-    offset = torch.full((), offset, dtype=torch.int32, device=device)
     if segments is not None:
         ids = documents.padded_ids(segments, config.block_size)
+        offset = torch.full((), offset, dtype=torch.int32, device=device)
         return BlockMask.from_kv_blocks(
             *tables,
             BLOCK_SIZE=config.block_size,
@@ -270,14 +270,24 @@ def table_block_mask(
             seq_lengths=(chunk_len, kv_len),
             compute_q_blocks=False,
         )
+    # One value per batch row, read at [b]: the spelling both FlexAttention backends take.
+    offset = torch.full((tables.partial_num.shape[0],), offset, dtype=torch.int32, device=device)
     return block_mask_from_tables(*tables, offset, chunk_len, kv_len, config.block_size)
 
 
 def sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: Optional[float], mode: Mode
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: Optional[float],
+    mode: Mode,
+    backend: str = "triton",
 ) -> Tensor:
     """FlexAttention over the blocks of ``block_mask``, native GQA (see
-    :func:`prism_flex.sparse_attention`)."""
+    :func:`prism_flex.sparse_attention`), on the kernel ``backend``
+    (``PrismConfig.flex_backend``; ignored in ``Mode.EAGER``, which the entry refuses for
+    ``"flash"``)."""
     gqa = q.shape[1] != k.shape[1]
     if mode is Mode.EAGER:
         # Eager FlexAttention ignores the block lists: enforce them through the mask_mod.
@@ -289,7 +299,10 @@ def sparse_attention(
     if mode is Mode.TRACED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        options = kernel_options(q.device, backend) if backend != "triton" else None
+        return flex_attention(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=options
+        )
     q, k, v = lengths_only_dynamic(q, k, v)
     return compiled_flex()(
         q,
@@ -298,7 +311,7 @@ def sparse_attention(
         block_mask=block_mask,
         scale=scale,
         enable_gqa=gqa,
-        kernel_options=kernel_options(q.device),
+        kernel_options=kernel_options(q.device, backend),
     )
 
 
@@ -382,7 +395,7 @@ def prism_forward(
     if nq <= rows:
         tables = _all_tables(q, k, v, pooled, config, scale, mode)
         mask = table_block_mask(tables, q_len, kv_len, 0, config, q.device)
-        out = sparse_attention(q, k, v, mask, scale, mode)
+        out = sparse_attention(q, k, v, mask, scale, mode, config.flex_backend)
         return out, _density(tables.partial_num, tables.full_num, q_len, kv_len, bs)
     # Long inputs: queries in chunks of `rows` blocks, each with its own tables and mask.
     scores = band_scores(pooled, config, mode)
@@ -400,7 +413,9 @@ def prism_forward(
         # A contiguous copy of the chunk: a view would show the compiled kernel a new
         # storage offset per chunk.
         q_chunk = q[:, :, first:last].contiguous()
-        out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
+        out[:, :, first:last] = sparse_attention(
+            q_chunk, k, v, mask, scale, mode, config.flex_backend
+        )
         chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
     return out, chosen / visible_blocks(q_len, kv_len, bs, nq, q.device)
 

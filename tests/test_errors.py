@@ -142,3 +142,27 @@ def test_the_fast_check_accepts_only_what_the_detailed_checks_accept(monkeypatch
         assert checks.plainly_valid(q, k, v) == detailed_accepts(q, k, v), (qs, ks, vs, dtype)
     ints = torch.zeros(1, 4, 8, 8, dtype=torch.int32)
     assert not checks.plainly_valid(ints, ints, ints) and not detailed_accepts(ints, ints, ints)
+
+
+FLASH = PrismConfig(dense_below=0, sparse_min_flops=0, flex_backend="flash")
+
+
+def test_flex_backend_must_be_known():
+    with pytest.raises(ValueError, match="flex_backend must be one of"):
+        PrismConfig(flex_backend="cudnn")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_flash_backend_refused_where_it_cannot_run(compiled):
+    # No silent fallback to Triton: on CPU (and uncompiled anywhere) the FLASH kernel cannot
+    # run, and the error says what to use instead.
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="flex_backend='triton'"):
+        prism_attention(q, k, v, FLASH, compiled=compiled)
+
+
+def test_flash_backend_on_the_dense_path_needs_nothing():
+    # Calls that run dense never reach FlexAttention: the backend is not looked at.
+    q, k, v = qkv()
+    cfg = PrismConfig(flex_backend="flash")
+    torch.testing.assert_close(prism_attention(q, k, v, cfg), prism_attention(q, k, v))
