@@ -11,7 +11,7 @@ prefill. Methods:
   eager on CPU, where compiling the stages would take minutes) and
   ``model.set_attn_implementation("prism")``;
 - ``prism_always_sparse``: the same with ``sparse_min_flops=0`` (the selection at every length);
-- ``prism_flash``: the same as ``prism`` with ``flex_backend="flash"`` (FlashAttention-4's kernel
+- ``prism_fa4``: the same as ``prism`` with ``flex_backend="flash"`` (FlashAttention-4's kernel
   for the sparse attention; needs the ``flash`` extra and a Hopper GPU; not in the default
   method list).
 
@@ -60,12 +60,12 @@ from typing import Optional
 
 import torch
 
-METHODS = ("sdpa_flash", "sdpa_cudnn", "prism", "prism_always_sparse", "prism_flash")
+METHODS = ("sdpa_flash", "sdpa_cudnn", "prism", "prism_always_sparse", "prism_fa4")
 DEFAULT_METHODS = METHODS[:4]
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 PRISM_NAME = "prism"
 ALWAYS_SPARSE = "prism_always_sparse"
-FLASH_NAME = "prism_flash"
+FLASH_NAME = "prism_fa4"
 DENSITY_NAME = "prism_ttft_density"
 
 
