@@ -70,6 +70,9 @@ def test_register_is_idempotent():
     assert register() == "prism"
     with pytest.raises(ValueError):
         register(name="sdpa")
+    # transformers would try to load any name containing "flash" as a hub kernel
+    with pytest.raises(ValueError, match="without it"):
+        register(PrismConfig(flex_backend="flash"), "prism_flash")
 
 
 def test_import_does_not_import_transformers():

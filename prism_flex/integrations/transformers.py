@@ -135,7 +135,8 @@ def register(
         config: selection settings for every model using ``attn_implementation=name``;
             ``None``: ``PrismConfig()``. Registering the same name again replaces the config
             (calling it twice with the same arguments is a no-op).
-        name: the ``attn_implementation`` string; must not be one of transformers' own.
+        name: the ``attn_implementation`` string; must not be one of transformers' own nor
+            contain "flash" (transformers would try to load it as a FlashAttention kernel).
         compiled: passed to :func:`prism_flex.prism_attention` (``False``: eager, for tests
             and debugging at small sizes).
     Returns:
@@ -154,6 +155,14 @@ def register(
     if (current is not None and not ours) or name == "eager" or "|" in name:
         raise ValueError(
             f"{name!r} is a transformers attention implementation; choose another name"
+        )
+    if "flash" in name:
+        # transformers reads any implementation name containing "flash" as a FlashAttention
+        # kernel to load from the hub (`is_flash_attention_requested`), and set_attn_implementation
+        # then fails far from here.
+        raise ValueError(
+            f"{name!r}: transformers treats attention names containing 'flash' as FlashAttention "
+            f"kernels; choose a name without it (e.g. 'prism_fa4' for flex_backend='flash')"
         )
     if ours and (current.prism_config, current.prism_compiled) == (config, compiled):
         return name
