@@ -33,22 +33,10 @@ from torch.nn.attention.flex_attention import BlockMask
 
 import prism_flex
 from prism_flex._compile import compiled_flex, kernel_options, lengths_only_dynamic
+from prism_flex.block_mask import with_mask_mod
 
 from .attention import SHAPES
 from .synthetic import SyntheticSpec, synthetic_qkv
-
-
-def with_mask_mod(mask: BlockMask, mask_mod) -> BlockMask:
-    return BlockMask.from_kv_blocks(
-        mask.kv_num_blocks,
-        mask.kv_indices,
-        mask.full_kv_num_blocks,
-        mask.full_kv_indices,
-        BLOCK_SIZE=mask.BLOCK_SIZE,
-        mask_mod=mask_mod,
-        seq_lengths=mask.seq_lengths,
-        compute_q_blocks=False,
-    )
 
 
 def spellings(offset: int, batch: int, device) -> dict:

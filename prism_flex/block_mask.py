@@ -25,6 +25,7 @@ __all__ = [
     "run_tables",
     "causal_mask_mod",
     "block_mask_from_tables",
+    "with_mask_mod",
 ]
 
 
@@ -202,6 +203,11 @@ def with_table_mask_mod(block_mask: BlockMask) -> BlockMask:
     def mask_mod(b, h, q_idx, kv_idx):
         return table[b, h, q_idx // q_bs, kv_idx // kv_bs] & causal(b, h, q_idx, kv_idx)
 
+    return with_mask_mod(block_mask, mask_mod)
+
+
+def with_mask_mod(block_mask: BlockMask, mask_mod) -> BlockMask:
+    """The same block lists (forward-only) with another ``mask_mod``."""
     return BlockMask.from_kv_blocks(
         block_mask.kv_num_blocks,
         block_mask.kv_indices,

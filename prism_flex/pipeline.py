@@ -565,6 +565,9 @@ def _document_forward(q, k, v, config, scale, mode, segments):
     batch, hq, q_len, _ = q.shape
     kv_len = k.shape[2]
     bs = config.block_size
+    spans = _document_spans(segments, q_len, kv_len, config, mode)
+    if spans is not None:
+        return _per_document_forward(q, k, v, config, scale, mode, spans)
     layout, scores = _document_scores(q, k, config, segments, mode)
     nq = layout.q_lo.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -578,3 +581,66 @@ def _document_forward(q, k, v, config, scale, mode, segments):
         out[:, :, first:last] = sparse_attention(q_chunk, k, v, mask, scale, mode)
         chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
     return out, chosen / documents.visible_document_blocks(layout, bs)
+
+
+#: A packed row whose documents hold at least this many blocks each on average runs one call
+#: per document (:func:`_per_document_forward`). Why: the windowed selection closes a window at
+#: every document start once it holds 64 blocks (``documents.key_windows``), so for such rows it
+#: runs one window per document anyway, and each window is a compiled call of ~0.9 ms of host
+#: time, where a document's own call replays a CUDA graph of its selection (H100, Llama-8B
+#: heads, 8 documents of 16K tokens: 18.8 ms packed against 11.1 ms as separate calls,
+#: bench/results/h100_packed.json, runs/h100_profile_packed_select_8x16k.txt).
+SPLIT_MIN_BLOCKS = 64
+
+
+def _document_spans(segments, q_len, kv_len, config, mode) -> Optional[list[tuple[int, int]]]:
+    """``[(start, length), ...]`` of the documents of a packed row that
+    :func:`_per_document_forward` runs one by one, or ``None`` where the windowed selection
+    runs: a batch of several rows (the compiled path splits batches into rows before this),
+    possible padding, ``Lq < Lkv``, one document, documents averaging fewer than
+    :data:`SPLIT_MIN_BLOCKS` blocks, or inside a user's trace (the spans are read on the host:
+    one device-to-host copy of the per-document token counts)."""
+    if mode is Mode.TRACED or segments.padded or q_len != kv_len or segments.ids.shape[0] != 1:
+        return None
+    min_tokens = SPLIT_MIN_BLOCKS * config.block_size
+    if segments.num_docs is not None and (
+        segments.num_docs < 2 or segments.num_docs * min_tokens > kv_len
+    ):
+        return None
+    # Without padding the ids are the ordinals 0, 1, ... of contiguous documents.
+    counts = torch.bincount(segments.ids[0].long()).tolist()
+    if len(counts) < 2 or len(counts) * min_tokens > kv_len:
+        return None
+    starts = [0]
+    for n in counts[:-1]:
+        starts.append(starts[-1] + n)
+    return list(zip(starts, counts))
+
+
+def _per_document_forward(q, k, v, config, scale, mode, spans):
+    """The documents of one packed row ``(1, H, L, D)``, each attended as its own causal call
+    (dense or sparse by the size rule of its own length): exactly what separate calls give.
+
+    Returns ``(out, density)``; the density is over the documents' own visible blocks."""
+    hq = q.shape[1]
+    bs = config.block_size
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    chosen = torch.zeros((1, hq), dtype=torch.float32, device=q.device)
+    visible = 0
+    for start, n in spans:
+        s = slice(start, start + n)
+        # Views, not copies: the compiled stages and FlexAttention take the packed row's
+        # strides (one more graph at the first packed call, none after; H100, 8 x 16K: a copy
+        # of Q, K and V per call cost ~1 ms).
+        qd, kd, vd = (t[:, :, s] for t in (q, k, v))
+        nq = -(-n // bs)
+        pairs = nq * (nq + 1) // 2  # causally visible blocks of an n-token causal call
+        if config.runs_dense(qd.shape, n):
+            out[:, :, s] = dense_attention(qd, kd, vd, scale, mode)
+            chosen += pairs
+        else:
+            o, density = prism_forward(qd, kd, vd, config, scale, mode)
+            out[:, :, s] = o
+            chosen += density * pairs
+        visible += pairs
+    return out, chosen / visible

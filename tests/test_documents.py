@@ -414,8 +414,57 @@ def test_compiled_packed_calls_of_other_layouts_compile_nothing_new():
         with torch.no_grad():
             prism_attention(q, k, v, CFG, cu_seqlens=cu)
 
-    call([1024, 1024, 1024])  # three windows of 64 query blocks
+    # Documents averaging under SPLIT_MIN_BLOCKS blocks (the trailing 64-token one): the
+    # windowed selection, not one call per document.
+    call([1024, 1024, 1024, 64])  # windows of 64 query blocks
     before = counters["stats"]["unique_graphs"]
-    for lens in ([2048, 1024, 512, 512], [1100, 900, 2000], [4096]):
+    for lens in ([2048, 1024, 512, 512, 64], [1100, 900, 2000, 64], [4096]):
         call(lens)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def _split_case(lens, seed=0):
+    cu = torch.tensor([0] + lens).cumsum(0)
+    length = int(cu[-1])
+    q, k, v = structured_qkv(1, 4, 2, length, length, 32, seed=seed, block_size=BS)
+    return q, k, v, cu
+
+
+def _one_by_one(q, k, v, cu, cfg, compiled):
+    outs, chosen, visible = [], 0.0, 0
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        o, d = prism_attention(
+            *(t[:, :, a:e] for t in (q, k, v)), cfg, compiled=compiled, return_density=True
+        )
+        nq = -(-(e - a) // BS)
+        pairs = nq * (nq + 1) // 2
+        outs.append(o)
+        chosen, visible = chosen + d * pairs, visible + pairs
+    return torch.cat(outs, 2), chosen / visible
+
+
+@pytest.mark.parametrize("lens", [[1000, 1100, 1300], [3000, 200], [2048, 2048]])
+def test_packed_long_documents_run_one_call_each(lens):
+    """Documents averaging at least SPLIT_MIN_BLOCKS blocks run as separate calls: the packed
+    output is exactly the separate calls' (block-aligned or not, a short one dense by the size
+    rule of its own length)."""
+    from prism_flex.pipeline import SPLIT_MIN_BLOCKS
+
+    assert sum(lens) >= len(lens) * SPLIT_MIN_BLOCKS * BS
+    cfg = dataclasses.replace(CFG, dense_below=256)
+    q, k, v, cu = _split_case(lens)
+    out, density = prism_attention(q, k, v, cfg, compiled=False, cu_seqlens=cu, return_density=True)
+    want, want_density = _one_by_one(q, k, v, cu, cfg, compiled=False)
+    assert torch.equal(out, want)
+    torch.testing.assert_close(density, want_density)
+    ids = torch.searchsorted(cu[1:], torch.arange(int(cu[-1])), right=True)[None]
+    assert torch.equal(prism_attention(q, k, v, cfg, compiled=False, document_ids=ids), want)
+
+
+@pytest.mark.slow
+def test_packed_long_documents_compiled_equal_separate_compiled_calls():
+    q, k, v, cu = _split_case([1000, 1100, 1300], seed=1)
+    with torch.no_grad():
+        out = prism_attention(q, k, v, CFG, cu_seqlens=cu)
+        want, _ = _one_by_one(q, k, v, cu, CFG, compiled=True)
+    assert torch.equal(out, want)
