@@ -76,11 +76,14 @@ class Segments(NamedTuple):
     """Where documents and padding are: ``ids`` int32 ``(B, Lkv)``, each token's document
     ordinal in its row (0, 1, ... by position), ``-1`` for padding; ``num_docs``: the largest
     number of documents in a row when known without reading ``ids`` (``None``: count them,
-    :func:`count_documents`); ``padded``: some key may be padding (a mask was given)."""
+    :func:`count_documents`); ``padded``: some key may be padding (a mask was given);
+    ``lengths``: the documents' token counts of a single row when the host already has them
+    (``cu_seqlens``, read once by its validation), else ``None``."""
 
     ids: Tensor
     num_docs: Optional[int]
     padded: bool
+    lengths: Optional[tuple[int, ...]] = None
 
 
 def _shape_error(name, t, batch, kv_len, what):
@@ -129,6 +132,7 @@ def make_segments(
         real = m
     pos = torch.arange(kv_len, device=device)
     num_docs = None
+    lengths = None
     if cu_seqlens is not None:
         c = cu_seqlens
         if not isinstance(c, Tensor) or c.dim() != 1 or c.is_floating_point() or c.is_complex():
@@ -148,15 +152,20 @@ def make_segments(
         if c.device != device:
             raise ValueError(f"cu_seqlens must be on {device}, got {c.device}")
         c = c.long()
-        ok = (c[0] == 0) & (c[-1] == kv_len) & (c.diff() > 0).all()
         msg = (
             f"cu_seqlens must start at 0, end at kv_len ({kv_len}) and strictly increase "
             "(no zero-length documents)"
         )
         if check_values:
-            if not bool(ok):
-                raise ValueError(f"{msg}; got {c.tolist() if c.numel() <= 16 else c}")
+            # One host read of the offsets (small): checked here, and the document lengths
+            # kept for the per-document path (pipeline._document_spans), which then needs
+            # no device read of its own.
+            offsets = c.tolist()
+            lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+            if offsets[0] != 0 or offsets[-1] != kv_len or min(lengths) <= 0:
+                raise ValueError(f"{msg}; got {offsets if len(offsets) <= 16 else c}")
         else:
+            ok = (c[0] == 0) & (c[-1] == kv_len) & (c.diff() > 0).all()
             torch._assert_async(ok, msg)
         doc = torch.searchsorted(c[1:], pos, right=True)[None]
         num_docs = c.shape[0] - 1
@@ -197,7 +206,8 @@ def make_segments(
                 raise ValueError(f"{msg} (rows {bad})")
         else:
             torch._assert_async(ok, msg)
-    return Segments(ids, num_docs, key_padding_mask is not None)
+    padded = key_padding_mask is not None
+    return Segments(ids, num_docs, padded, None if padded else lengths)
 
 
 def _describe(t) -> str:

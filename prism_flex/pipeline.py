@@ -599,7 +599,8 @@ def _document_spans(segments, q_len, kv_len, config, mode) -> Optional[list[tupl
     runs: a batch of several rows (the compiled path splits batches into rows before this),
     possible padding, ``Lq < Lkv``, one document, documents averaging fewer than
     :data:`SPLIT_MIN_BLOCKS` blocks, or inside a user's trace (the spans are read on the host:
-    one device-to-host copy of the per-document token counts)."""
+    ``segments.lengths`` where the validation of ``cu_seqlens`` read them, else one
+    device-to-host copy of the per-document token counts)."""
     if mode is Mode.TRACED or segments.padded or q_len != kv_len or segments.ids.shape[0] != 1:
         return None
     min_tokens = SPLIT_MIN_BLOCKS * config.block_size
@@ -607,8 +608,10 @@ def _document_spans(segments, q_len, kv_len, config, mode) -> Optional[list[tupl
         segments.num_docs < 2 or segments.num_docs * min_tokens > kv_len
     ):
         return None
-    # Without padding the ids are the ordinals 0, 1, ... of contiguous documents.
-    counts = torch.bincount(segments.ids[0].long()).tolist()
+    counts = segments.lengths
+    if counts is None:
+        # Without padding the ids are the ordinals 0, 1, ... of contiguous documents.
+        counts = torch.bincount(segments.ids[0].long()).tolist()
     if len(counts) < 2 or len(counts) * min_tokens > kv_len:
         return None
     starts = [0]
