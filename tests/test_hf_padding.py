@@ -101,6 +101,24 @@ def test_packed_position_ids_equal_separate_forwards(family, name):
             start += n
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_long_documents_equal_separate_forwards(family):
+    """Documents long enough to run one attention call each (pipeline.SPLIT_MIN_BLOCKS blocks
+    of 16 tokens on average), not block-aligned: each document's own logits."""
+    model = _model(family, SPARSE)
+    lengths = [1100, 1000, 1200]
+    docs = [_prompt(n, seed=20 + i) for i, n in enumerate(lengths)]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
+        start = 0
+        for d in docs:
+            alone = model(d, use_cache=False).logits
+            n = d.shape[1]
+            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-4, rtol=1e-4)
+            start += n
+
+
 def test_prism_mask_forms():
     """What the mask function hands the attention: None without padding, int32 ids with it
     (-1 = padding), the packed documents for a packed mask function."""
@@ -125,7 +143,9 @@ def test_prism_mask_forms():
         remap_positions_for_packed_sequence(causal_mask_function, pos),
         packed_sequence_mask_function(psm),
     )
-    assert prism_mask(1, 8, 8, mask_function=fn)[:, 0, 0].tolist() == psm.tolist()
+    got = prism_mask(1, 8, 8, mask_function=fn)
+    assert got[:, 0, 0].tolist() == psm.tolist()
+    assert got._prism_num_docs == 3 and got._prism_lengths == (3, 2, 3)  # read once per forward
     # Another composition is not taken for packing: it is materialised (and then checked).
     other = and_masks(causal_mask_function, packed_sequence_mask_function(psm))
     assert prism_mask(1, 8, 8, mask_function=other).dtype == torch.bool

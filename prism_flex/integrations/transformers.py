@@ -234,8 +234,16 @@ def prism_mask(
     if packed is not None and local_size is None and attention_mask is None:
         # Packed sequences (position_ids restarting, no cache): the documents themselves.
         ids = packed.to(torch.int32)
-        num = None if torch.compiler.is_compiling() else int(ids.max()) + 1  # once per forward
-        return _document_ids(ids, batch_size, kv_length, num_docs=num, padded=False)
+        num, lengths = None, None
+        if not torch.compiler.is_compiling():  # one host read per forward, not per layer
+            if ids.shape[0] == 1:  # one row: the documents' lengths too (the ids are 0, 1, ...)
+                lengths = tuple(torch.bincount(ids[0].long()).tolist())
+                num = len(lengths)
+            else:
+                num = int(ids.max()) + 1
+        return _document_ids(
+            ids, batch_size, kv_length, num_docs=num, padded=False, lengths=lengths
+        )
     if mask_function is not causal_mask_function or local_size is not None:
         return _materialised(
             batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
@@ -283,7 +291,12 @@ def _covering(keys: Tensor, length: int) -> Tensor:
 
 
 def _document_ids(
-    ids: Tensor, batch_size: int, kv_length: int, num_docs=None, padded: bool = True
+    ids: Tensor,
+    batch_size: int,
+    kv_length: int,
+    num_docs=None,
+    padded: bool = True,
+    lengths: Optional[tuple[int, ...]] = None,
 ) -> Tensor:
     """The mask handed to the attention function for padding/documents: int32
     ``(B, 1, 1, Lkv)``, each key's document ordinal in its row, -1 for padding.
@@ -296,11 +309,13 @@ def _document_ids(
 
     Eagerly, the tensor also carries what this forward knows about it, for every layer to
     reuse: ``_prism_num_docs`` (documents per row, so that no layer reads the ids back from
-    the device to count them) and ``_prism_padded`` (False: no key is padding)."""
+    the device to count them), ``_prism_padded`` (False: no key is padding) and
+    ``_prism_lengths`` (one row's document lengths, ``documents.Segments.lengths``)."""
     out = ids.expand(batch_size, kv_length).contiguous()[:, None, None, :]
     if not torch.compiler.is_compiling():
         out._prism_num_docs = num_docs
         out._prism_padded = padded
+        out._prism_lengths = lengths if batch_size == 1 and not padded else None
     return out
 
 
@@ -503,6 +518,7 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
             # Padding / packed documents, from prism_mask (one tensor per forward).
             num_docs = getattr(attention_mask, "_prism_num_docs", None)
             padded = getattr(attention_mask, "_prism_padded", True)
+            lengths = getattr(attention_mask, "_prism_lengths", None)
             attention_mask = attention_mask[:, 0, 0]
             written = attention_mask.shape[1]
             if attention_mask.shape[0] != query.shape[0] or not (
@@ -517,7 +533,8 @@ def make_attention_function(config: PrismConfig, *, compiled: bool = True):
                 # A StaticCache: only the written keys (prism_mask, eager).
                 key = key[:, :, : attention_mask.shape[1]]
                 value = value[:, :, : attention_mask.shape[1]]
-            segments = Segments(attention_mask, num_docs, padded)
+                lengths = None
+            segments = Segments(attention_mask, num_docs, padded, lengths)
         elif _is_4d(attention_mask) and takes_dense_path(query, key, value, cfg):
             # The dense path is SDPA: any mask is exact there (a compiled StaticCache decode
             # step, a user's 4-D mask).
