@@ -181,13 +181,14 @@ class PrismConfig:
             (``pip install "prism_flex[flash]"``: flash-attn-4, nvidia-cutlass-dsl); a call
             that cannot run it raises. Same masks, same outputs within bf16 rounding (H100,
             4K tokens: the same max error against float64 as Triton's); H100, Prism's masks:
-            1.49x / 1.67x faster than Triton at 32K / 128K (Llama-8B heads), 1.45x / 1.40x
-            (Qwen2.5-0.5B heads), but 2.4x slower at 8K with Qwen's head dim 64, and its
+            1.53x / 1.68x faster than Triton at 32K / 128K (Llama-8B heads), 1.28x / 1.39x
+            (Qwen2.5-0.5B heads), but 1.6x / 4.5x slower at 8K (Llama / Qwen heads), and its
             first compile takes ~5 s more (bench/results/h100_flash_backend.json). Not the
             default: FlexAttention marks it experimental in torch 2.11, and it is an extra
-            dependency. Calls with padding or packed documents and the context-parallel
-            path keep the Triton kernel (their ``mask_mod`` reads tables that the FLASH
-            code generation of torch 2.11 rejects or runs slowly).
+            dependency. Padded calls, packed rows of short documents (the windowed selection)
+            and the context-parallel path keep the Triton kernel (their ``mask_mod`` reads
+            tables that the FLASH code generation of torch 2.11 rejects or runs slowly);
+            packed rows of long documents run each document on the chosen kernel.
 
     Presets: :meth:`preset` names points of the measured accuracy/speed frontier
     (``"accurate"``, ``"balanced"``, ``"fast"``; :data:`PRESETS`).
