@@ -166,3 +166,16 @@ def test_flash_backend_on_the_dense_path_needs_nothing():
     q, k, v = qkv()
     cfg = PrismConfig(flex_backend="flash")
     torch.testing.assert_close(prism_attention(q, k, v, cfg), prism_attention(q, k, v))
+
+
+def test_flash_backend_names_the_missing_packages(monkeypatch):
+    # On a Hopper GPU without the wheels: an ImportError that says what to install.
+    from prism_flex import checks
+
+    monkeypatch.setattr(checks, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(checks, "_missing_modules", lambda: ["flash_attn", "cutlass"])
+    with pytest.raises(ImportError, match=r"prism_flex\[flash\]"):
+        checks.check_flex_backend(FLASH, torch.device("cuda"), compiled=True)
+    monkeypatch.setattr(checks, "_capability", lambda device: (8, 0))
+    with pytest.raises(ValueError, match="capability 9.0"):
+        checks.check_flex_backend(FLASH, torch.device("cuda"), compiled=True)
