@@ -589,7 +589,8 @@ def _document_forward(q, k, v, config, scale, mode, segments):
 #: runs one window per document anyway, and each window is a compiled call of ~0.9 ms of host
 #: time, where a document's own call replays a CUDA graph of its selection (H100, Llama-8B
 #: heads, 8 documents of 16K tokens: 18.8 ms packed against 11.1 ms as separate calls,
-#: bench/results/h100_packed.json, runs/h100_profile_packed_select_8x16k.txt).
+#: bench/results/runs/h100_packed_windows_c6b483b.json and h100_profile_packed_select_8x16k.txt;
+#: one call per document: 14.1 ms, bench/results/h100_packed.json).
 SPLIT_MIN_BLOCKS = 64
 
 
