@@ -86,13 +86,14 @@ def test_packed_position_ids_equal_separate_forwards(family, name):
     """One row of documents packed with restarting position_ids (use_cache=False, as in
     training / DataCollatorWithFlattening) gives each document's own logits; with 16-token
     blocks and block-aligned documents also on the sparse path."""
-    model = _model(family, name)
-    lengths = [32, 48, 16]
-    docs = [_prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
-    ids = torch.cat(docs, 1)
+    _assert_packed_equals_separate(_model(family, name), [32, 48, 16], seed=10)
+
+
+def _assert_packed_equals_separate(model, lengths, seed):
+    docs = [_prompt(n, seed=seed + i) for i, n in enumerate(lengths)]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
-        packed = model(ids, position_ids=pos, use_cache=False).logits
+        packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
         start = 0
         for d in docs:
             alone = model(d, use_cache=False).logits
@@ -105,18 +106,7 @@ def test_packed_position_ids_equal_separate_forwards(family, name):
 def test_packed_long_documents_equal_separate_forwards(family):
     """Documents long enough to run one attention call each (pipeline.SPLIT_MIN_BLOCKS blocks
     of 16 tokens on average), not block-aligned: each document's own logits."""
-    model = _model(family, SPARSE)
-    lengths = [1100, 1000, 1200]
-    docs = [_prompt(n, seed=20 + i) for i, n in enumerate(lengths)]
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
-        start = 0
-        for d in docs:
-            alone = model(d, use_cache=False).logits
-            n = d.shape[1]
-            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-4, rtol=1e-4)
-            start += n
+    _assert_packed_equals_separate(_model(family, SPARSE), [1100, 1000, 1200], seed=20)
 
 
 def test_prism_mask_forms():
