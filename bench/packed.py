@@ -9,12 +9,17 @@ Run from the repository root::
 Cases (batch 1, causal, q_len == kv_len, documents given as ``cu_seqlens``):
 
 - ``8x16K``: eight documents of 16K tokens (128K in one row);
-- ``mixed``: documents of 2K, 4K, 8K, 16K, 32K and 64K tokens (126K), shuffled by a seed.
+- ``mixed``: documents of 2K, 4K, 8K, 16K, 32K and 64K tokens (126K), shuffled by a seed;
+- ``unaligned``: eight documents of 16K +- 1,800 tokens, odd lengths (drawn by the seed), so
+  every document after the first starts inside a block.
 
 ``--scale N`` divides every length by ``N`` (the CPU smoke test). Methods:
 
 - ``prism_packed``: ``prism_attention(q, k, v, config, cu_seqlens=cu)``, one call;
-- ``prism_select``: ``prism_block_mask(..., cu_seqlens=cu)`` alone (the selection's share);
+- ``prism_select``: ``prism_block_mask(..., cu_seqlens=cu)`` alone (the windowed selection
+  of one mask over the row);
+- ``select_per_doc``: ``prism_block_mask`` of each document (views), the selection that a
+  packed ``prism_attention`` of long documents runs (the selection's share);
 - ``prism_per_doc``: one ``prism_attention`` per document, one after the other (the sum);
 - ``flex_doc``: compiled ``flex_attention`` with the dense document-causal ``BlockMask``
   (made once, outside the timing, with ``create_block_mask``);
@@ -27,7 +32,8 @@ Timing: the median of ``--reps`` calls (CUDA events on GPU, ``perf_counter`` on 
 given (``PrismConfig.from_fields``). Results: a JSON file with the GPU, torch version and
 date (``bench/results/h200_packed.json`` on CUDA, ``cpu_smoke_packed.json`` on CPU) and a
 printed table; ``speedup_vs_per_doc`` is ``prism_per_doc`` ms / ``prism_packed`` ms (the
-issue's target: at least 1), ``select_share`` is ``prism_select`` ms / ``prism_packed`` ms.
+issue's target: at least 1), ``select_share`` is ``select_per_doc`` (else
+``prism_select``) ms / ``prism_packed`` ms.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from .synthetic import SyntheticSpec, synthetic_qkv
 METHODS = (
     "prism_packed",
     "prism_select",
+    "select_per_doc",
     "prism_per_doc",
     "flex_doc",
     "sdpa_doc",
@@ -68,7 +75,10 @@ def cases(scale: int, seed: int) -> dict[str, list[int]]:
     g = torch.Generator().manual_seed(seed)
     mixed = [2 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K]
     mixed = [mixed[i] for i in torch.randperm(len(mixed), generator=g).tolist()]
-    out = {"8x16K": [16 * K] * 8, "mixed": mixed}
+    # Lengths that are no multiple of the block size: documents after the first start
+    # inside a block (the packed call then runs one call per document).
+    odd = (torch.randint(-900, 900, (8,), generator=g) * 2 + 1 + 16 * K).tolist()
+    out = {"8x16K": [16 * K] * 8, "mixed": mixed, "unaligned": odd}
     return {name: [max(1, n // scale) for n in lens] for name, lens in out.items()}
 
 
@@ -100,11 +110,28 @@ def setup(method, q, k, v, cu, config, args):
     gqa = q.shape[1] != k.shape[1]
     length = q.shape[2]
     if method == "prism_packed":
-        _, density = prism_flex.prism_attention(q, k, v, config, cu_seqlens=cu, return_density=True)
-        info = {"density": float(density.mean())}
+        out, density = prism_flex.prism_attention(
+            q, k, v, config, cu_seqlens=cu, return_density=True
+        )
+        # Correctness on the device: the separate calls' output, bit for bit expected.
+        views = _views(q, k, v, spans)
+        want = torch.cat([prism_flex.prism_attention(*x, config) for x in views], 2)
+        info = {
+            "density": float(density.mean()),
+            "max_abs_vs_per_doc": float((out.float() - want.float()).abs().max()),
+            "equal_to_per_doc": bool(torch.equal(out, want)),
+        }
+        del out, want
         return lambda: prism_flex.prism_attention(q, k, v, config, cu_seqlens=cu), info
     if method == "prism_select":
         return lambda: prism_flex.prism_block_mask(q, k, config, cu_seqlens=cu), {}
+    if method == "select_per_doc":
+        views = _views(q, k, v, spans)
+
+        def select_per_doc():
+            return [prism_flex.prism_block_mask(x[0], x[1], config) for x in views]
+
+        return select_per_doc, {}
     if method == "prism_per_doc":
         views = [tuple(t[:, :, a : a + n].contiguous() for t in (q, k, v)) for a, n in spans]
 
@@ -133,7 +160,7 @@ def setup(method, q, k, v, cu, config, args):
         mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
         return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa), {}
     if method == "sdpa_per_doc":
-        views = [tuple(t[:, :, a : a + n] for t in (q, k, v)) for a, n in spans]
+        views = _views(q, k, v, spans)
 
         def sdpa_per_doc():
             return [
@@ -142,6 +169,10 @@ def setup(method, q, k, v, cu, config, args):
 
         return sdpa_per_doc, {}
     raise ValueError(f"unknown method {method!r}")
+
+
+def _views(q, k, v, spans):
+    return [tuple(t[:, :, a : a + n] for t in (q, k, v)) for a, n in spans]
 
 
 def environment(device: torch.device) -> dict:
@@ -186,8 +217,9 @@ def run_case(name, lens, shape: Shape, config, args, device) -> list[dict]:
         if r["method"] == "prism_packed" and r.get("ms"):
             if by.get("prism_per_doc"):
                 r["speedup_vs_per_doc"] = by["prism_per_doc"] / r["ms"]
-            if by.get("prism_select"):
-                r["select_share"] = by["prism_select"] / r["ms"]
+            select = by.get("select_per_doc") or by.get("prism_select")
+            if select:
+                r["select_share"] = select / r["ms"]
             for base in ("flex_doc", "sdpa_doc", "sdpa_per_doc"):
                 if by.get(base):
                     r[f"speedup_vs_{base}"] = by[base] / r["ms"]
@@ -211,7 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="llama", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--scale", type=int, default=1, help="divide every document length by it")
-    p.add_argument("--cases", nargs="*", default=None, help="8x16K and/or mixed")
+    p.add_argument("--cases", nargs="*", default=None, help="8x16K, mixed, unaligned")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

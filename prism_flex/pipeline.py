@@ -622,10 +622,14 @@ def _document_spans(segments, q_len, kv_len, config, mode) -> Optional[list[tupl
 
 
 def _per_document_forward(q, k, v, config, scale, mode, spans):
-    """The documents of one packed row ``(1, H, L, D)``, each attended as its own causal call
+    """The documents of one packed row ``(1, H, L, D)``, each selected as its own causal call
     (dense or sparse by the size rule of its own length): exactly what separate calls give.
+    Block-aligned documents run one FlexAttention kernel over the row
+    (:func:`_aligned_packed_forward`), others one call per document.
 
     Returns ``(out, density)``; the density is over the documents' own visible blocks."""
+    if _aligned_in_one_kernel(q.shape, spans, config, mode, q.device):
+        return _aligned_packed_forward(q, k, v, config, scale, mode, spans)
     hq = q.shape[1]
     bs = config.block_size
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -647,4 +651,81 @@ def _per_document_forward(q, k, v, config, scale, mode, spans):
             out[:, :, s] = o
             chosen += density * pairs
         visible += pairs
+    return out, chosen / visible
+
+
+def _aligned_in_one_kernel(q_shape, spans, config, mode, device) -> bool:
+    """Whether :func:`_aligned_packed_forward` runs these documents: each starts on a block
+    boundary (a document's own blocks are then blocks of the row), at least one is sparse by
+    the size rule, and the row's tables fit ``config.max_score_elements`` entries (``Hq x
+    Nq x`` :func:`_row_table_width`, as one selection's scores)."""
+    bs = config.block_size
+    if any(start % bs for start, _ in spans):
+        return False
+    if all(config.runs_dense((1, q_shape[1], n, q_shape[3]), n) for _, n in spans):
+        return False
+    nq = -(-q_shape[2] // bs)
+    return q_shape[1] * nq * _row_table_width(spans, nq, config, mode, device) <= (
+        config.max_score_elements
+    )
+
+
+def _row_table_width(spans, nq, config, mode, device) -> int:
+    """Width of :func:`_aligned_packed_forward`'s tables: the largest document's blocks for
+    the compiled Triton kernel, which reads only the first ``num`` entries of each row, else
+    the row's ``nq`` (eager FlexAttention expands the mask to its dense form, the CPU kernel
+    asserts the full width, and the FLASH backend is not tried with narrow tables)."""
+    if mode is Mode.COMPILED and device.type == "cuda" and config.flex_backend == "triton":
+        return max(-(-n // config.block_size) for _, n in spans)
+    return nq
+
+
+def _aligned_packed_forward(q, k, v, config, scale, mode, spans):
+    """:func:`_per_document_forward` of block-aligned documents in one sparse kernel: each
+    sparse document's selection is its own call's (a CUDA graph replay per document), its
+    tables are shifted to its first block and written into the row's tables, and one
+    FlexAttention call with the plain causal ``mask_mod`` attends the whole row (a document's
+    blocks never reach another's: its diagonal blocks are its own). Dense documents keep
+    their own SDPA call (no blocks in the row's tables) and are written over the kernel's
+    output (rows without blocks are zeros there).
+
+    Why: one call per document paid FlexAttention's host time per document and a copy of each
+    document's output into the row (H100, Llama-8B heads, 8 x 16K tokens: 11.5 ms in one
+    kernel against 13.2 ms per document and 11.9 ms for separate calls; outputs identical).
+    The tables are ``(1, Hq, Nq, W)``, ``W`` from :func:`_row_table_width`.
+    """
+    _, hq, length, _ = q.shape
+    bs = config.block_size
+    device = q.device
+    nq = -(-length // bs)
+    width = _row_table_width(spans, nq, config, mode, device)
+    nums = [torch.zeros((1, hq, nq), dtype=torch.int32, device=device) for _ in range(2)]
+    idxs = [torch.zeros((1, hq, nq, width), dtype=torch.int32, device=device) for _ in range(2)]
+    dense = []
+    chosen = torch.zeros((1, hq), dtype=torch.float32, device=device)
+    visible = 0
+    for start, n in spans:
+        s = slice(start, start + n)
+        qd, kd, vd = (t[:, :, s] for t in (q, k, v))
+        first, blocks = start // bs, -(-n // bs)
+        pairs = blocks * (blocks + 1) // 2
+        visible += pairs
+        if config.runs_dense(qd.shape, n):
+            dense.append((s, dense_attention(qd, kd, vd, scale, mode)))
+            chosen += pairs
+            continue
+        tables = _all_tables(qd, kd, vd, pool_inputs(qd, kd, config, mode), config, scale, mode)
+        rows = slice(first, first + blocks)
+        for num, idx, own_num, own_idx in (
+            (nums[0], idxs[0], tables.partial_num, tables.partial_idx),
+            (nums[1], idxs[1], tables.full_num, tables.full_idx),
+        ):
+            num[:, :, rows] = own_num
+            torch.add(own_idx, first, out=idx[:, :, rows, :blocks])
+        chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
+    tables = _marked(BlockTables(nums[0], idxs[0], nums[1], idxs[1]), mode)
+    mask = table_block_mask(tables, length, length, 0, config, device)
+    out = sparse_attention(q, k, v, mask, scale, mode, config.flex_backend)
+    for s, o in dense:
+        out[:, :, s] = o
     return out, chosen / visible
