@@ -219,8 +219,11 @@ class GraphedStage:
     (the user's own graph, e.g. ``mode="reduce-overhead"``).
     """
 
-    def __init__(self, stage: Callable, max_graphs: int = 8):
+    def __init__(self, stage: Callable, max_graphs: int = 8, compile_stage: bool = True):
         self.stage = stage
+        # False: ``stage`` is a Python function that runs compiled stages of its own (the
+        # selection of a packed row's documents, one stage call per document).
+        self.compile_stage = compile_stage
         self.max_graphs = max_graphs
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         # Signatures seen once, most recent last; bounded like the graphs (a server sees a
@@ -230,7 +233,7 @@ class GraphedStage:
 
     def __call__(self, config: PrismConfig, *args):
         if torch.cuda.is_current_stream_capturing():
-            return run_stage(self.stage, Mode.COMPILED, config, *args)
+            return self._run(config, args)
         key = (config,) + tuple(
             (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a for a in args
         )
@@ -240,7 +243,7 @@ class GraphedStage:
                 self._seen[key] = None
                 while len(self._seen) > 64 * self.max_graphs:
                     self._seen.popitem(last=False)
-                return run_stage(self.stage, Mode.COMPILED, config, *args)
+                return self._run(config, args)
             entry = self._capture(config, args)
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
@@ -260,7 +263,7 @@ class GraphedStage:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            run_stage(self.stage, Mode.COMPILED, config, *inputs)
+            self._run(config, inputs)
         torch.cuda.current_stream().wait_stream(side)
         # One memory pool for all our graphs: they never run concurrently, and each call
         # copies its outputs out before another graph can reuse their memory.
@@ -268,8 +271,13 @@ class GraphedStage:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = run_stage(self.stage, Mode.COMPILED, config, *inputs)
+            outputs = self._run(config, inputs)
         return graph, inputs, outputs
+
+    def _run(self, config: PrismConfig, args: tuple):
+        if self.compile_stage:
+            return run_stage(self.stage, Mode.COMPILED, config, *args)
+        return self.stage(config, *args)
 
 
 def _static_copy(t: Tensor) -> Tensor:

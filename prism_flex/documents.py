@@ -184,6 +184,11 @@ def make_segments(
         doc = torch.zeros((1, kv_len), dtype=torch.long, device=device)
         num_docs = 1
     doc = doc.expand(batch, kv_len)
+    if real is None and document_ids is None:
+        # Offsets (or nothing) without padding: the searchsorted ids already are the
+        # ordinals 0, 1, ... by position (skips _ordinals' scans: ~0.4 ms of GPU time at 128K
+        # tokens on the H100, on every packed call).
+        return Segments(doc.int(), num_docs, False, lengths)
     if real is None:
         real = torch.ones((batch, kv_len), dtype=torch.bool, device=device)
     ids, new = _ordinals(doc, real)

@@ -44,7 +44,7 @@ from .block_mask import (
     with_table_mask_mod,
 )
 from .config import PrismConfig
-from .scoring import BandScores, final_block_inputs, pool_blocks, score_bands
+from .scoring import BandScores, final_block_inputs, final_query_block, pool_blocks, score_bands
 from .selection import Thresholds
 
 __all__ = [
@@ -88,9 +88,14 @@ def pool_inputs(q: Tensor, k: Tensor, config: PrismConfig, mode: Mode) -> Pooled
     q_final = k_fine = None
     if config.final_block_pool:
         q_final, k_fine = final_block_inputs(q, k, bs, config.final_block_pool)
-    pooled = Pooled(pool_blocks(q, bs), pool_blocks(k, bs), q_final, k_fine)
+    return _mark_pooled(Pooled(pool_blocks(q, bs), pool_blocks(k, bs), q_final, k_fine), mode)
+
+
+def _mark_pooled(pooled: Pooled, mode: Mode) -> Pooled:
+    """Block means marked for our compiled stages (``Mode.COMPILED``; else as they are)."""
     if mode is not Mode.COMPILED:
         return pooled
+    q_final = pooled.q_final
     pooled = Pooled(*lengths_only_dynamic(*pooled))
     if q_final is not None:
         # bs / pool rows: a constant (a last block of one sub-block would be specialised).
@@ -682,50 +687,152 @@ def _row_table_width(spans, nq, config, mode, device) -> int:
 
 def _aligned_packed_forward(q, k, v, config, scale, mode, spans):
     """:func:`_per_document_forward` of block-aligned documents in one sparse kernel: each
-    sparse document's selection is its own call's (a CUDA graph replay per document), its
-    tables are shifted to its first block and written into the row's tables, and one
-    FlexAttention call with the plain causal ``mask_mod`` attends the whole row (a document's
-    blocks never reach another's: its diagonal blocks are its own). Dense documents keep
-    their own SDPA call (no blocks in the row's tables) and are written over the kernel's
-    output (rows without blocks are zeros there).
+    sparse document's selection is its own call's, written into tables of the row at its
+    first block (:func:`_row_tables`), and one FlexAttention call with the plain causal
+    ``mask_mod`` attends the whole row (a document's blocks never reach another's: its
+    diagonal blocks are its own). Dense documents keep their own SDPA call, issued first
+    (the GPU runs them while the host issues the selection), and are written over the
+    kernel's output (their rows hold no blocks there).
 
     Why: one call per document paid FlexAttention's host time per document and a copy of each
-    document's output into the row (H100, Llama-8B heads, 8 x 16K tokens: 11.5 ms in one
-    kernel against 13.2 ms per document and 11.9 ms for separate calls; outputs identical).
-    The tables are ``(1, Hq, Nq, W)``, ``W`` from :func:`_row_table_width`.
+    document's output into the row; the tables are ``(1, Hq, Nq, W)``, ``W`` from
+    :func:`_row_table_width`.
     """
-    _, hq, length, _ = q.shape
+    _, hq, length, head_dim = q.shape
     bs = config.block_size
-    device = q.device
     nq = -(-length // bs)
-    width = _row_table_width(spans, nq, config, mode, device)
-    nums = [torch.zeros((1, hq, nq), dtype=torch.int32, device=device) for _ in range(2)]
-    idxs = [torch.zeros((1, hq, nq, width), dtype=torch.int32, device=device) for _ in range(2)]
-    dense = []
-    chosen = torch.zeros((1, hq), dtype=torch.float32, device=device)
-    visible = 0
+    sparse, dense, visible, dense_pairs = [], [], 0, 0
     for start, n in spans:
+        blocks = -(-n // bs)
+        visible += blocks * (blocks + 1) // 2  # causally visible blocks of an n-token call
         s = slice(start, start + n)
-        qd, kd, vd = (t[:, :, s] for t in (q, k, v))
-        first, blocks = start // bs, -(-n // bs)
-        pairs = blocks * (blocks + 1) // 2
-        visible += pairs
-        if config.runs_dense(qd.shape, n):
-            dense.append((s, dense_attention(qd, kd, vd, scale, mode)))
-            chosen += pairs
-            continue
-        tables = _all_tables(qd, kd, vd, pool_inputs(qd, kd, config, mode), config, scale, mode)
-        rows = slice(first, first + blocks)
-        for num, idx, own_num, own_idx in (
-            (nums[0], idxs[0], tables.partial_num, tables.partial_idx),
-            (nums[1], idxs[1], tables.full_num, tables.full_idx),
-        ):
-            num[:, :, rows] = own_num
-            torch.add(own_idx, first, out=idx[:, :, rows, :blocks])
-        chosen += (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float()
-    tables = _marked(BlockTables(nums[0], idxs[0], nums[1], idxs[1]), mode)
-    mask = table_block_mask(tables, length, length, 0, config, device)
+        if config.runs_dense((1, hq, n, head_dim), n):
+            dense.append((s, dense_attention(q[:, :, s], k[:, :, s], v[:, :, s], scale, mode)))
+            dense_pairs += blocks * (blocks + 1) // 2
+        else:
+            sparse.append((start, n))
+    width = _row_table_width(spans, nq, config, mode, q.device)
+    tables = _marked(_row_tables(q, k, v, config, scale, mode, tuple(sparse), nq, width), mode)
+    mask = table_block_mask(tables, length, length, 0, config, q.device)
     out = sparse_attention(q, k, v, mask, scale, mode, config.flex_backend)
     for s, o in dense:
         out[:, :, s] = o
+    chosen = (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float() + dense_pairs
     return out, chosen / visible
+
+
+_GRAPHED_DOCUMENTS = GraphedStage(lambda config, *args: _select_documents(config, *args), 8, False)
+
+
+def _row_tables(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
+    """Tables ``(1, Hq, nq, width)`` of a packed row holding each document of ``spans``
+    (block-aligned ``(start, length)``) as its own call's selection, shifted to its first
+    block; rows of other documents empty.
+
+    Documents whose selection is one graph (``score_and_select_tables``) are selected from
+    the row's block means, pooled once (a document's blocks are blocks of the row), by
+    :func:`_select_documents`: on CUDA, one CUDA graph of all of them replayed per layout
+    (a model's layers share it: one replay per layer instead of one per document, whose host
+    time serialised the documents' selection ahead of the one kernel). Otherwise each
+    document runs :func:`_all_tables` of its own view."""
+    hq = q.shape[1]
+    bs = config.block_size
+    blocks = [-(-n // bs) for _, n in spans]
+    if config.output_error is not None or any(nb > chunk_rows(config, 1, hq, nb) for nb in blocks):
+        return _tables_per_document(q, k, v, config, scale, mode, spans, nq, width)
+    pool = config.final_block_pool
+    args = (
+        pool_blocks(q, bs),
+        pool_blocks(k, bs),
+        _final_query_blocks(q, spans, bs, pool) if pool else None,
+        pool_blocks(k, pool) if pool else None,
+        spans,
+        nq,
+        width,
+    )
+    if (
+        mode is Mode.COMPILED
+        and q.device.type == "cuda"
+        and all(hq * nb * nb <= _GRAPH_MAX_SCORES for nb in blocks)
+    ):
+        return _GRAPHED_DOCUMENTS(config, *args, mode)
+    return _select_documents(config, *args, mode)
+
+
+def _final_query_blocks(q: Tensor, spans, bs: int, pool: int) -> Tensor:
+    """``q_final`` (:func:`~prism_flex.scoring.final_query_block`) of each document of
+    ``spans``, float32 ``(num_docs, Hq, bs / pool, D)``: the documents ending on a block
+    boundary pooled together; only the row's last document can end inside a block."""
+    full = [q[:, :, a + n - bs : a + n] for a, n in spans if n % bs == 0]
+    parts = [final_query_block(torch.cat(full), bs, pool)] if full else []
+    a, n = spans[-1]
+    if n % bs:
+        parts.append(final_query_block(q[:, :, a + n - n % bs : a + n], bs, pool))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _new_row_tables(hq, nq, width, device) -> list[Tensor]:
+    """Empty row tables: partial count, partial indices, full count, full indices."""
+    return [
+        torch.zeros((1, hq, nq) + (width,) * (i % 2), dtype=torch.int32, device=device)
+        for i in range(4)
+    ]
+
+
+def _write_document(row: list[Tensor], own: BlockTables, first: int, blocks: int) -> None:
+    """Copy one document's tables into the row's, its block indices shifted by ``first``."""
+    rows = slice(first, first + blocks)
+    for i, src in enumerate(own):
+        if i % 2:
+            torch.add(src, first, out=row[i][:, :, rows, :blocks])
+        else:
+            row[i][:, :, rows] = src
+
+
+def _select_documents(
+    config, q_pool, k_pool, q_final, k_fine, spans, nq, width, mode
+) -> BlockTables:
+    """:func:`_row_tables` from the row's block means: ``q_pool`` ``(1, Hq, Nq, D)``,
+    ``k_pool`` ``(1, Hkv, Nk, D)``, ``q_final`` ``(num_docs, Hq, bs / pool, D)``, ``k_fine``
+    ``(1, Hkv, ceil(L / pool), D)`` (``None`` without ``final_block_pool``). Each document's
+    slices are made contiguous, so its stage sees what its own call would."""
+    bs, pool = config.block_size, config.final_block_pool
+    thresholds = Thresholds.of(config)
+    row = _new_row_tables(q_pool.shape[1], nq, width, q_pool.device)
+    for i, (start, n) in enumerate(spans):
+        first, blocks = start // bs, -(-n // bs)
+        pooled = Pooled(
+            q_pool[:, :, first : first + blocks].contiguous(),
+            k_pool[:, :, first : first + blocks].contiguous(),
+            # A copy, not a view at an offset: the stage's graph is the one of a separate call.
+            None if q_final is None else q_final[i : i + 1].clone(),
+            None
+            if k_fine is None
+            else k_fine[:, :, start // pool : -(-(start + n) // pool)].contiguous(),
+        )
+        own = run_stage(
+            score_and_select_tables,
+            mode,
+            config,
+            *_mark_pooled(pooled, mode),
+            n,
+            n,
+            config.high_temperature,
+            config.low_temperature,
+            *thresholds,
+        )
+        _write_document(row, own, first, blocks)
+    return BlockTables(*row)
+
+
+def _tables_per_document(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
+    """:func:`_row_tables` by :func:`_all_tables` of each document's view (documents too long
+    for one selection graph, or the threshold fit)."""
+    bs = config.block_size
+    row = _new_row_tables(q.shape[1], nq, width, q.device)
+    for start, n in spans:
+        s = slice(start, start + n)
+        qd, kd, vd = q[:, :, s], k[:, :, s], v[:, :, s]
+        own = _all_tables(qd, kd, vd, pool_inputs(qd, kd, config, mode), config, scale, mode)
+        _write_document(row, own, start // bs, -(-n // bs))
+    return BlockTables(*row)

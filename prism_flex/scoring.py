@@ -317,6 +317,13 @@ def final_block_inputs(q: Tensor, k: Tensor, block_size: int, pool: int) -> tupl
         ``(B, Hkv, ceil(Lkv / pool), D)``.
     """
     nq = (q.shape[2] + block_size - 1) // block_size
-    q_final = pool_blocks(q[:, :, (nq - 1) * block_size :], pool)
-    q_final = F.pad(q_final, (0, 0, 0, block_size // pool - q_final.shape[2]))
-    return q_final, pool_blocks(k, pool)
+    return final_query_block(q[:, :, (nq - 1) * block_size :], block_size, pool), pool_blocks(
+        k, pool
+    )
+
+
+def final_query_block(tail: Tensor, block_size: int, pool: int) -> Tensor:
+    """``q_final`` of :func:`final_block_inputs` from the last query block's tokens ``tail``
+    ``(B, Hq, 1..block_size, D)``: float32 ``(B, Hq, block_size / pool, D)``."""
+    q_final = pool_blocks(tail, pool)
+    return F.pad(q_final, (0, 0, 0, block_size // pool - q_final.shape[2]))
