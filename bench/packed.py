@@ -16,6 +16,7 @@ Cases (batch 1, causal, q_len == kv_len, documents given as ``cu_seqlens``):
 ``--scale N`` divides every length by ``N`` (the CPU smoke test). Methods:
 
 - ``prism_packed``: ``prism_attention(q, k, v, config, cu_seqlens=cu)``, one call;
+- ``prism_packed_cpu_offsets``: the same with ``cu_seqlens`` on the CPU (no device sync);
 - ``prism_select``: ``prism_block_mask(..., cu_seqlens=cu)`` alone (the windowed selection
   of one mask over the row);
 - ``select_per_doc``: ``prism_block_mask`` of each document (views), the selection that a
@@ -60,6 +61,7 @@ from .synthetic import SyntheticSpec, synthetic_qkv
 
 METHODS = (
     "prism_packed",
+    "prism_packed_cpu_offsets",
     "prism_select",
     "select_per_doc",
     "prism_per_doc",
@@ -123,6 +125,9 @@ def setup(method, q, k, v, cu, config, args):
         }
         del out, want
         return lambda: prism_flex.prism_attention(q, k, v, config, cu_seqlens=cu), info
+    if method == "prism_packed_cpu_offsets":
+        cu_host = cu.cpu()
+        return lambda: prism_flex.prism_attention(q, k, v, config, cu_seqlens=cu_host), {}
     if method == "prism_select":
         return lambda: prism_flex.prism_block_mask(q, k, config, cu_seqlens=cu), {}
     if method == "select_per_doc":

@@ -219,12 +219,22 @@ class GraphedStage:
     (the user's own graph, e.g. ``mode="reduce-overhead"``).
     """
 
-    def __init__(self, stage: Callable, max_graphs: int = 8, compile_stage: bool = True):
+    def __init__(
+        self,
+        stage: Callable,
+        max_graphs: int = 8,
+        compile_stage: bool = True,
+        clone_outputs: bool = True,
+    ):
         self.stage = stage
+        self.max_graphs = max_graphs
         # False: ``stage`` is a Python function that runs compiled stages of its own (the
         # selection of a packed row's documents, one stage call per document).
         self.compile_stage = compile_stage
-        self.max_graphs = max_graphs
+        # False: the graph's own output buffers are returned, for a caller that consumes
+        # them on the current stream before its next call (a later replay, stream-ordered
+        # after that use, then overwrites them safely).
+        self.clone_outputs = clone_outputs
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         # Signatures seen once, most recent last; bounded like the graphs (a server sees a
         # new prompt length at almost every call).
@@ -255,6 +265,8 @@ class GraphedStage:
             if isinstance(dst, Tensor):
                 dst.copy_(src)
         graph.replay()
+        if not self.clone_outputs:
+            return outputs
         return type(outputs)(*(t.clone() for t in outputs))
 
     def _capture(self, config: PrismConfig, args: tuple):

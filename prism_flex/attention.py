@@ -239,8 +239,9 @@ def prism_attention(
             host sync and a sort of each row, eager calls only). Ids need not be sorted.
         cu_seqlens: integer ``(N + 1,)``: FlashAttention-varlen offsets of ``N`` documents
             packed in one row (``B == 1``): ``0 = cu[0] < cu[1] < ... < cu[N] = Lkv``
-            (checked: one host sync, eager calls only). Exclusive with ``document_ids``;
-            either combines with ``key_padding_mask``.
+            (checked: one host read, eager calls only), on q's device or on the CPU (no
+            device sync: the way to pass them at every layer). Exclusive with
+            ``document_ids``; either combines with ``key_padding_mask``.
 
             With any of them, the query at position ``p`` (queries are the last ``Lq`` of
             the ``Lkv`` positions) attends key ``j`` iff ``j <= p``, both are in the same

@@ -149,8 +149,9 @@ def make_segments(
                 f"cu_seqlens describes one packed row: batch must be 1, got {batch}. For a "
                 "batch of packed rows pass document_ids (batch, kv_len) instead"
             )
-        if c.device != device:
-            raise ValueError(f"cu_seqlens must be on {device}, got {c.device}")
+        on_host = c.device.type == "cpu"
+        if c.device != device and not on_host:
+            raise ValueError(f"cu_seqlens must be on {device} or on the CPU, got {c.device}")
         c = c.long()
         msg = (
             f"cu_seqlens must start at 0, end at kv_len ({kv_len}) and strictly increase "
@@ -159,12 +160,16 @@ def make_segments(
         if check_values:
             # One host read of the offsets (small): checked here, and the document lengths
             # kept for the per-document path (pipeline._document_spans), which then needs
-            # no device read of its own.
+            # no device read of its own. Offsets on the CPU need no device read at all (a
+            # read of device offsets waits for the GPU's queue to drain, at every call).
             offsets = c.tolist()
             lengths = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
             if offsets[0] != 0 or offsets[-1] != kv_len or min(lengths) <= 0:
                 raise ValueError(f"{msg}; got {offsets if len(offsets) <= 16 else c}")
-        else:
+        if on_host and device.type != "cpu":
+            # Pinned: a copy from pageable memory may wait for the stream.
+            c = c.pin_memory().to(device, non_blocking=True)
+        if not check_values:
             ok = (c[0] == 0) & (c[-1] == kv_len) & (c.diff() > 0).all()
             torch._assert_async(ok, msg)
         doc = torch.searchsorted(c[1:], pos, right=True)[None]

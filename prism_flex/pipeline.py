@@ -630,33 +630,107 @@ def _per_document_forward(q, k, v, config, scale, mode, spans):
     """The documents of one packed row ``(1, H, L, D)``, each selected as its own causal call
     (dense or sparse by the size rule of its own length): exactly what separate calls give.
     Block-aligned documents run one FlexAttention kernel over the row
-    (:func:`_aligned_packed_forward`), others one call per document.
+    (:func:`_aligned_packed_forward`); otherwise each sparse document runs its own kernel on a
+    view of the row, their selections one CUDA graph (:func:`_document_tables_each`), and the
+    dense ones SDPA, first.
 
     Returns ``(out, density)``; the density is over the documents' own visible blocks."""
     if _aligned_in_one_kernel(q.shape, spans, config, mode, q.device):
         return _aligned_packed_forward(q, k, v, config, scale, mode, spans)
-    hq = q.shape[1]
     bs = config.block_size
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    chosen = torch.zeros((1, hq), dtype=torch.float32, device=q.device)
-    visible = 0
+    visible, chosen, sparse = 0, 0, []
     for start, n in spans:
         s = slice(start, start + n)
         # Views, not copies: the compiled stages and FlexAttention take the packed row's
         # strides (one more graph at the first packed call, none after; H100, 8 x 16K: a copy
         # of Q, K and V per call cost ~1 ms).
         qd, kd, vd = (t[:, :, s] for t in (q, k, v))
-        nq = -(-n // bs)
-        pairs = nq * (nq + 1) // 2  # causally visible blocks of an n-token causal call
+        blocks = -(-n // bs)
+        pairs = blocks * (blocks + 1) // 2  # causally visible blocks of an n-token causal call
+        visible += pairs
         if config.runs_dense(qd.shape, n):
             out[:, :, s] = dense_attention(qd, kd, vd, scale, mode)
             chosen += pairs
         else:
+            sparse.append((start, n))
+    tables = _document_tables_each(q, k, v, config, scale, mode, sparse)
+    counts = []
+    for (start, n), own in zip(sparse, tables):
+        s = slice(start, start + n)
+        qd, kd, vd = (t[:, :, s] for t in (q, k, v))
+        if own is None:  # too long for one selection graph: its own chunked call
             o, density = prism_forward(qd, kd, vd, config, scale, mode)
-            out[:, :, s] = o
-            chosen += density * pairs
-        visible += pairs
+            blocks = -(-n // bs)
+            chosen = chosen + density * (blocks * (blocks + 1) // 2)
+        else:
+            mask = table_block_mask(own, n, n, 0, config, q.device)
+            o = sparse_attention(qd, kd, vd, mask, scale, mode, config.flex_backend)
+            counts += [own.partial_num, own.full_num]
+        out[:, :, s] = o
+    if counts:
+        chosen = chosen + torch.cat(counts, 2).sum(-1).float()
+    if not isinstance(chosen, Tensor):
+        chosen = torch.full((1, q.shape[1]), float(chosen), device=q.device)
     return out, chosen / visible
+
+
+_GRAPHED_EACH = GraphedStage(
+    lambda config, *args: _select_each(config, *args), compile_stage=False, clone_outputs=False
+)
+
+
+def _document_tables_each(q, k, v, config, scale, mode, spans) -> list[Optional[BlockTables]]:
+    """Each document's own tables ``(1, Hq, n_i, n_i)`` (``n_i`` its blocks), from its own
+    block means: one CUDA graph of all the documents' selections on CUDA (one replay per
+    layout instead of one per document: each replay costs host time); ``None`` for a
+    document too long for one selection graph (it runs its own chunked call)."""
+    hq = q.shape[1]
+    bs = config.block_size
+    fits = [
+        config.output_error is None and -(-n // bs) <= chunk_rows(config, 1, hq, -(-n // bs))
+        for _, n in spans
+    ]
+    flat, picked = [], []
+    for (start, n), ok in zip(spans, fits):
+        if ok:
+            s = slice(start, start + n)
+            flat += pool_inputs(q[:, :, s], k[:, :, s], config, mode)
+            picked.append((start, n))
+    if not picked:
+        return [None] * len(spans)
+    picked = tuple(picked)
+    graphed = (
+        mode is Mode.COMPILED
+        and q.device.type == "cuda"
+        and all(hq * (-(-n // bs)) ** 2 <= _GRAPH_MAX_SCORES for _, n in picked)
+    )
+    run = _GRAPHED_EACH if graphed else _select_each
+    tables = iter(run(config, mode, picked, *flat))
+    return [
+        _marked(BlockTables(*(next(tables) for _ in range(4))), mode) if ok else None for ok in fits
+    ]
+
+
+def _select_each(config, mode, spans, *pooled) -> tuple[Tensor, ...]:
+    """:func:`~prism_flex.block_mask.score_and_select_tables` of each document of ``spans``,
+    from its :class:`Pooled` block means (``pooled``: four per document, flat); the tables
+    flat in the same order."""
+    thresholds = Thresholds.of(config)
+    out = []
+    for i, (_, n) in enumerate(spans):
+        out += run_stage(
+            score_and_select_tables,
+            mode,
+            config,
+            *pooled[4 * i : 4 * i + 4],
+            n,
+            n,
+            config.high_temperature,
+            config.low_temperature,
+            *thresholds,
+        )
+    return tuple(out)
 
 
 def _aligned_in_one_kernel(q_shape, spans, config, mode, device) -> bool:
@@ -721,7 +795,13 @@ def _aligned_packed_forward(q, k, v, config, scale, mode, spans):
     return out, chosen / visible
 
 
-_GRAPHED_DOCUMENTS = GraphedStage(lambda config, *args: _select_documents(config, *args), 8, False)
+# Its tables are read by the row's FlexAttention call right after, on the same stream: no
+# copies of them (up to 2 x 66 MB for a row of 126K tokens holding a 64K-token document).
+_GRAPHED_DOCUMENTS = GraphedStage(
+    lambda config, *args: _select_documents(config, *args),
+    compile_stage=False,
+    clone_outputs=False,
+)
 
 
 def _row_tables(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:

@@ -470,6 +470,18 @@ def test_packed_long_documents_run_one_call_each(lens):
         assert torch.equal(by_ids, out)
 
 
+@pytest.mark.parametrize("lens", [[1000, 1100, 1300], [1024, 2048, 304], [3000, 200]])
+def test_packed_documents_too_long_for_one_selection_graph(lens):
+    """Documents whose selection is chunked (``max_score_elements``) keep their own chunked
+    call (unaligned) or per-document tables (aligned): still the separate calls' output."""
+    cfg = dataclasses.replace(CFG, dense_below=256, max_score_elements=4 * 100 * 150)
+    q, k, v, cu = _split_case(lens)
+    out, density = prism_attention(q, k, v, cfg, compiled=False, cu_seqlens=cu, return_density=True)
+    want, want_density = _one_by_one(q, k, v, cu, cfg, compiled=False)
+    assert torch.equal(out, want)
+    torch.testing.assert_close(density, want_density)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lens", [[1000, 1100, 1300], [1024, 2048, 304]])
 def test_packed_long_documents_compiled_equal_separate_compiled_calls(lens):
