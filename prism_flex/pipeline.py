@@ -588,14 +588,14 @@ def _document_forward(q, k, v, config, scale, mode, segments):
     return out, chosen / documents.visible_document_blocks(layout, bs)
 
 
-#: A packed row whose documents hold at least this many blocks each on average runs one call
-#: per document (:func:`_per_document_forward`). Why: the windowed selection closes a window at
-#: every document start once it holds 64 blocks (``documents.key_windows``), so for such rows it
-#: runs one window per document anyway, and each window is a compiled call of ~0.9 ms of host
-#: time, where a document's own call replays a CUDA graph of its selection (H100, Llama-8B
-#: heads, 8 documents of 16K tokens: 18.8 ms packed against 11.1 ms as separate calls,
-#: bench/results/runs/h100_packed_windows_c6b483b.json and h100_profile_packed_select_8x16k.txt;
-#: one call per document: 14.1 ms, bench/results/h100_packed.json).
+#: A packed row whose documents hold at least this many blocks each on average runs each
+#: document's own selection (:func:`_per_document_forward`). Why: the windowed selection closes
+#: a window at every document start once it holds 64 blocks (``documents.key_windows``), so for
+#: such rows it runs one window per document anyway, and each window is a compiled call of
+#: ~0.9 ms of host time (H100, Llama-8B heads, 8 documents of 16K tokens: 18.8 ms packed
+#: against 11.1 ms as separate calls, bench/results/runs/h100_packed_windows_c6b483b.json and
+#: h100_profile_packed_select_8x16k.txt); the documents' own selections, one CUDA graph per
+#: layout, and one kernel for aligned documents: 10.1 ms against 11.2 (h100_packed.json).
 SPLIT_MIN_BLOCKS = 64
 
 
