@@ -680,11 +680,6 @@ def _per_document_forward(q, k, v, config, scale, mode, spans):
     return out, chosen / visible
 
 
-_GRAPHED_EACH = GraphedStage(
-    lambda config, *args: _select_each(config, *args), compile_stage=False, clone_outputs=False
-)
-
-
 def _document_tables_each(q, k, v, config, scale, mode, spans) -> list[Optional[BlockTables]]:
     """Each document's own tables ``(1, Hq, n_i, n_i)`` (``n_i`` its blocks), from its own
     block means: one CUDA graph of all the documents' selections on CUDA (one replay per
@@ -736,6 +731,11 @@ def _select_each(config, mode, spans, *pooled) -> tuple[Tensor, ...]:
             *thresholds,
         )
     return tuple(out)
+
+
+# One CUDA graph per layout of documents. Its tables are read by the documents' FlexAttention
+# calls right after, on the same stream: no copies of them.
+_GRAPHED_EACH = GraphedStage(_select_each, compile_stage=False, clone_outputs=False)
 
 
 def _aligned_in_one_kernel(q_shape, spans, config, mode, device) -> bool:
@@ -798,15 +798,6 @@ def _aligned_packed_forward(q, k, v, config, scale, mode, spans):
         out[:, :, s] = o
     chosen = (tables.partial_num.sum(-1) + tables.full_num.sum(-1)).float() + dense_pairs
     return out, chosen / visible
-
-
-# Its tables are read by the row's FlexAttention call right after, on the same stream: no
-# copies of them (up to 2 x 66 MB for a row of 126K tokens holding a 64K-token document).
-_GRAPHED_DOCUMENTS = GraphedStage(
-    lambda config, *args: _select_documents(config, *args),
-    compile_stage=False,
-    clone_outputs=False,
-)
 
 
 def _row_tables(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
@@ -908,6 +899,12 @@ def _select_documents(
         )
         _write_document(row, own, first, blocks)
     return BlockTables(*row)
+
+
+# One CUDA graph per layout of documents. Its tables are read by the row's FlexAttention call
+# right after, on the same stream: no copies of them (up to 2 x 66 MB for a row of 126K tokens
+# holding a 64K-token document).
+_GRAPHED_DOCUMENTS = GraphedStage(_select_documents, compile_stage=False, clone_outputs=False)
 
 
 def _tables_per_document(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
