@@ -117,6 +117,7 @@ def test_prism_mask_forms():
         causal_mask_function,
         packed_sequence_mask_function,
         remap_positions_for_packed_sequence,
+        sliding_window_causal_mask_function,
     )
 
     assert prism_mask(2, 8, 8, attention_mask=torch.ones(2, 8, dtype=torch.long)) is None
@@ -136,8 +137,12 @@ def test_prism_mask_forms():
     got = prism_mask(1, 8, 8, mask_function=fn)
     assert got[:, 0, 0].tolist() == psm.tolist()
     assert got._prism_num_docs == 3 and got._prism_lengths == (3, 2, 3)  # read once per forward
+    # transformers 5.17 composes it without the position remap: the same rule, taken too.
+    plain = and_masks(causal_mask_function, packed_sequence_mask_function(psm))
+    got = prism_mask(1, 8, 8, mask_function=plain)
+    assert got[:, 0, 0].tolist() == psm.tolist() and got._prism_lengths == (3, 2, 3)
     # Another composition is not taken for packing: it is materialised (and then checked).
-    other = and_masks(causal_mask_function, packed_sequence_mask_function(psm))
+    other = and_masks(sliding_window_causal_mask_function(2), packed_sequence_mask_function(psm))
     assert prism_mask(1, 8, 8, mask_function=other).dtype == torch.bool
 
 

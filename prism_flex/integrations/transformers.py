@@ -337,8 +337,11 @@ def _is(fn, qualname: str) -> bool:
 def _packed_sequence_ids(mask_function) -> Optional[Tensor]:
     """The ``packed_sequence_mask`` ``(B, L)`` (0, 1, ... per row: the document of each
     token) when ``mask_function`` is exactly what ``create_causal_mask`` builds for packed
-    sequences (transformers 5.x: ``and_masks(remap_positions_for_packed_sequence(causal,
-    position_ids), packed_sequence_mask_function(packed_sequence_mask))``), else ``None``.
+    sequences, else ``None``: ``and_masks(causal_mask_function,
+    packed_sequence_mask_function(packed_sequence_mask))`` (transformers 5.17) or the same with
+    the causal part ``remap_positions_for_packed_sequence(causal_mask_function, position_ids)``
+    (5.25). Both are the document-causal rule: within a document the position ids count up by
+    one (that is how transformers finds the documents), so comparing them compares positions.
 
     Why by structure: transformers hands the mask function only that closure, and its value
     (the document-causal rule) is what Prism applies itself; any other composition (sliding
@@ -350,10 +353,11 @@ def _packed_sequence_ids(mask_function) -> Optional[Tensor]:
     parts = _closure_vars(mask_function).get("mask_functions")
     if not isinstance(parts, tuple) or len(parts) != 2:
         return None
-    remap, packed = parts
-    if not _is(remap, "remap_positions_for_packed_sequence.<locals>.inner_mask"):
-        return None
-    if _closure_vars(remap).get("mask_function") is not causal_mask_function:
+    causal, packed = parts
+    if causal is not causal_mask_function and not (
+        _is(causal, "remap_positions_for_packed_sequence.<locals>.inner_mask")
+        and _closure_vars(causal).get("mask_function") is causal_mask_function
+    ):
         return None
     if not _is(packed, "packed_sequence_mask_function.<locals>.inner_mask"):
         return None
