@@ -112,11 +112,11 @@ def test_packed_long_documents_equal_separate_forwards(family):
 def test_prism_mask_forms():
     """What the mask function hands the attention: None without padding, int32 ids with it
     (-1 = padding), the packed documents for a packed mask function."""
+    from transformers import masking_utils
     from transformers.masking_utils import (
         and_masks,
         causal_mask_function,
         packed_sequence_mask_function,
-        remap_positions_for_packed_sequence,
         sliding_window_causal_mask_function,
     )
 
@@ -130,17 +130,17 @@ def test_prism_mask_forms():
     assert got.tolist()[0] == [0] * 8
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
     psm = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
-    fn = and_masks(
-        remap_positions_for_packed_sequence(causal_mask_function, pos),
-        packed_sequence_mask_function(psm),
-    )
-    got = prism_mask(1, 8, 8, mask_function=fn)
-    assert got[:, 0, 0].tolist() == psm.tolist()
-    assert got._prism_num_docs == 3 and got._prism_lengths == (3, 2, 3)  # read once per forward
-    # transformers 5.17 composes it without the position remap: the same rule, taken too.
-    plain = and_masks(causal_mask_function, packed_sequence_mask_function(psm))
-    got = prism_mask(1, 8, 8, mask_function=plain)
-    assert got[:, 0, 0].tolist() == psm.tolist() and got._prism_lengths == (3, 2, 3)
+    # transformers 5.17 composes causal and packed; 5.25 remaps the causal part's positions
+    # (same rule): both are taken.
+    packed = packed_sequence_mask_function(psm)
+    forms = [and_masks(causal_mask_function, packed)]
+    remap = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
+    if remap is not None:
+        forms.append(and_masks(remap(causal_mask_function, pos), packed))
+    for fn in forms:
+        got = prism_mask(1, 8, 8, mask_function=fn)
+        assert got[:, 0, 0].tolist() == psm.tolist()
+        assert got._prism_num_docs == 3 and got._prism_lengths == (3, 2, 3)  # once per forward
     # Another composition is not taken for packing: it is materialised (and then checked).
     other = and_masks(sliding_window_causal_mask_function(2), packed_sequence_mask_function(psm))
     assert prism_mask(1, 8, 8, mask_function=other).dtype == torch.bool
