@@ -167,8 +167,9 @@ def make_segments(
             if offsets[0] != 0 or offsets[-1] != kv_len or min(lengths) <= 0:
                 raise ValueError(f"{msg}; got {offsets if len(offsets) <= 16 else c}")
         if on_host and device.type != "cpu":
-            # Pinned: a copy from pageable memory may wait for the stream.
-            c = c.pin_memory().to(device, non_blocking=True)
+            # Pinned: a copy from pageable memory may wait for the stream (not while traced in
+            # a user's graph, where the copy is the graph's own).
+            c = c.pin_memory().to(device, non_blocking=True) if check_values else c.to(device)
         if not check_values:
             ok = (c[0] == 0) & (c[-1] == kv_len) & (c.diff() > 0).all()
             torch._assert_async(ok, msg)
