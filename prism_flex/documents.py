@@ -151,7 +151,8 @@ def make_segments(
             )
         on_host = c.device.type == "cpu"
         if c.device != device and not on_host:
-            raise ValueError(f"cu_seqlens must be on {device} or on the CPU, got {c.device}")
+            host = "" if device.type == "cpu" else " or on the CPU (no device sync)"
+            raise ValueError(f"cu_seqlens must be on {device}{host}, got {c.device}")
         c = c.long()
         msg = (
             f"cu_seqlens must start at 0, end at kv_len ({kv_len}) and strictly increase "

@@ -268,6 +268,8 @@ def test_validation_errors():
         call(cu_seqlens=torch.tensor([0.0, 40.0]))
     with pytest.raises(TypeError, match="1-D integer"):
         call(cu_seqlens=torch.tensor([[0, 40]]))
+    with pytest.raises(ValueError, match="must be on cpu, got meta"):
+        call(cu_seqlens=torch.tensor([0, 40], device="meta"))
     q2, k2, v2 = structured_qkv(2, 2, 1, 40, 40, 32, seed=0, block_size=BS)
     with pytest.raises(ValueError, match="batch must be 1"):
         prism_attention(q2, k2, v2, CFG, compiled=False, cu_seqlens=torch.tensor([0, 40]))
