@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from prism_flex import PrismConfig, prism_attention, prism_block_mask
@@ -482,6 +482,36 @@ def test_packed_documents_too_long_for_one_selection_graph(lens):
     want, want_density = _one_by_one(q, k, v, cu, cfg, compiled=False)
     assert torch.equal(out, want)
     torch.testing.assert_close(density, want_density)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    blocks=st.lists(st.integers(40, 120), min_size=2, max_size=3),
+    shifts=st.lists(st.integers(1, BS - 1), min_size=3, max_size=3),
+    aligned=st.booleans(),
+    hkv=st.integers(1, 2),
+    seed=st.integers(0, 99),
+)
+def test_packed_long_documents_property(blocks, shifts, aligned, hkv, seed):
+    """Long documents (the per-document paths), aligned or not, some dense by the size rule:
+    the separate calls' output (aligned: one kernel over the row, float rounding apart in its
+    eager form; unaligned: exactly) and density."""
+    from prism_flex.pipeline import SPLIT_MIN_BLOCKS
+
+    lens = [b * BS + (0 if aligned else s) for b, s in zip(blocks, shifts)]
+    assume(sum(lens) >= len(lens) * SPLIT_MIN_BLOCKS * BS)
+    cfg = dataclasses.replace(CFG, dense_below=900)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    q, k, v = structured_qkv(
+        1, 2 * hkv, hkv, int(cu[-1]), int(cu[-1]), 32, seed=seed, block_size=BS
+    )
+    out, density = prism_attention(q, k, v, cfg, compiled=False, cu_seqlens=cu, return_density=True)
+    want, want_density = _one_by_one(q, k, v, cu, cfg, compiled=False)
+    torch.testing.assert_close(density, want_density)
+    if aligned:
+        torch.testing.assert_close(out, want)
+    else:
+        assert torch.equal(out, want)
 
 
 @pytest.mark.slow
