@@ -601,7 +601,7 @@ SPLIT_MIN_BLOCKS = 64
 
 def _document_spans(segments, q_len, kv_len, config, mode) -> Optional[list[tuple[int, int]]]:
     """``[(start, length), ...]`` of the documents of a packed row that
-    :func:`_per_document_forward` runs one by one, or ``None`` where the windowed selection
+    :func:`_per_document_forward` selects each on its own, or ``None`` where the windowed selection
     runs: a batch of several rows (the compiled path splits batches into rows before this),
     possible padding, ``Lq < Lkv``, one document, documents averaging fewer than
     :data:`SPLIT_MIN_BLOCKS` blocks, or inside a user's trace (the spans are read on the host:
