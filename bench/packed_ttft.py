@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timed(fn, reps: int, warmup: int, cuda: bool) -> float:
+    """Median ms of ``reps`` calls after ``warmup + 1``, each call synchronised on its own (a
+    time to first token is one request; ``bench.packed.timed`` lets calls queue back to back,
+    which measures throughput of the attention op instead)."""
     import time
 
     for _ in range(warmup + 1):

@@ -639,28 +639,16 @@ def _per_document_forward(q, k, v, config, scale, mode, spans):
         return _aligned_packed_forward(q, k, v, config, scale, mode, spans)
     bs = config.block_size
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    visible, chosen, sparse = 0, 0, []
-    for start, n in spans:
-        s = slice(start, start + n)
-        # Views, not copies: the compiled stages and FlexAttention take the packed row's
-        # strides (one more graph at the first packed call, none after; H100, 8 x 16K: a copy
-        # of Q, K and V per call cost ~1 ms).
-        qd, kd, vd = (t[:, :, s] for t in (q, k, v))
-        blocks = -(-n // bs)
-        pairs = blocks * (blocks + 1) // 2  # causally visible blocks of an n-token causal call
-        visible += pairs
-        if config.runs_dense(qd.shape, n):
-            out[:, :, s] = dense_attention(qd, kd, vd, scale, mode)
-            chosen += pairs
-        else:
-            sparse.append((start, n))
+    sparse, dense, visible, chosen = _split_dense(q, k, v, config, scale, mode, spans)
+    for s, o in dense:
+        out[:, :, s] = o
     # The first document alone, then the others: the GPU runs the first one's kernel while
     # the host pools the others (~17 small ops each at unaligned lengths), which otherwise
     # all ran ahead of any kernel (H100, 8 documents of ~16K tokens: ~3 ms of idle GPU when
     # the call starts on an empty queue, as after the host read of device offsets).
     counts = []
     for group in [sparse[:1], sparse[1:]] if len(sparse) > 2 else [sparse]:
-        tables = _document_tables_each(q, k, v, config, scale, mode, group)
+        tables = _document_tables_each(q, k, config, mode, group)
         for (start, n), own in zip(group, tables):
             s = slice(start, start + n)
             qd, kd, vd = (t[:, :, s] for t in (q, k, v))
@@ -680,17 +668,14 @@ def _per_document_forward(q, k, v, config, scale, mode, spans):
     return out, chosen / visible
 
 
-def _document_tables_each(q, k, v, config, scale, mode, spans) -> list[Optional[BlockTables]]:
+def _document_tables_each(q, k, config, mode, spans) -> list[Optional[BlockTables]]:
     """Each document's own tables ``(1, Hq, n_i, n_i)`` (``n_i`` its blocks), from its own
     block means: one CUDA graph of all the documents' selections on CUDA (one replay per
     layout instead of one per document: each replay costs host time); ``None`` for a
     document too long for one selection graph (it runs its own chunked call)."""
     hq = q.shape[1]
     bs = config.block_size
-    fits = [
-        config.output_error is None and -(-n // bs) <= chunk_rows(config, 1, hq, -(-n // bs))
-        for _, n in spans
-    ]
+    fits = [-(-n // bs) <= chunk_rows(config, 1, hq, -(-n // bs)) for _, n in spans]
     flat, picked = [], []
     for (start, n), ok in zip(spans, fits):
         if ok:
@@ -716,26 +701,54 @@ def _select_each(config, mode, spans, *pooled) -> tuple[Tensor, ...]:
     """:func:`~prism_flex.block_mask.score_and_select_tables` of each document of ``spans``,
     from its :class:`Pooled` block means (``pooled``: four per document, flat); the tables
     flat in the same order."""
-    thresholds = Thresholds.of(config)
     out = []
     for i, (_, n) in enumerate(spans):
-        out += run_stage(
-            score_and_select_tables,
-            mode,
-            config,
-            *pooled[4 * i : 4 * i + 4],
-            n,
-            n,
-            config.high_temperature,
-            config.low_temperature,
-            *thresholds,
-        )
+        out += _own_selection(config, mode, pooled[4 * i : 4 * i + 4], n)
     return tuple(out)
 
 
 # One CUDA graph per layout of documents. Its tables are read by the documents' FlexAttention
 # calls right after, on the same stream: no copies of them.
 _GRAPHED_EACH = GraphedStage(_select_each, compile_stage=False, clone_outputs=False)
+
+
+def _split_dense(q, k, v, config, scale, mode, spans):
+    """``(sparse spans, [(slice, output)] of the dense documents, visible blocks, visible
+    blocks of the dense documents)`` of a packed row's documents: those dense by the size rule
+    of their own length run SDPA here, first (the GPU runs them while the host prepares the
+    sparse ones); the counts are the causally visible blocks of each document's own call."""
+    bs = config.block_size
+    sparse, dense, visible, dense_pairs = [], [], 0, 0
+    for start, n in spans:
+        blocks = -(-n // bs)
+        pairs = blocks * (blocks + 1) // 2
+        visible += pairs
+        s = slice(start, start + n)
+        # Views, not copies: the compiled stages and FlexAttention take the packed row's
+        # strides (H100, 8 x 16K: a copy of Q, K and V per call cost ~1 ms).
+        qd, kd, vd = q[:, :, s], k[:, :, s], v[:, :, s]
+        if config.runs_dense(qd.shape, n):
+            dense.append((s, dense_attention(qd, kd, vd, scale, mode)))
+            dense_pairs += pairs
+        else:
+            sparse.append((start, n))
+    return sparse, dense, visible, dense_pairs
+
+
+def _own_selection(config, mode, pooled, n: int) -> BlockTables:
+    """:func:`~prism_flex.block_mask.score_and_select_tables` of one ``n``-token document
+    from its block means ``pooled`` (as its own call runs it)."""
+    return run_stage(
+        score_and_select_tables,
+        mode,
+        config,
+        *pooled,
+        n,
+        n,
+        config.high_temperature,
+        config.low_temperature,
+        *Thresholds.of(config),
+    )
 
 
 def _aligned_in_one_kernel(q_shape, spans, config, mode, device) -> bool:
@@ -777,19 +790,9 @@ def _aligned_packed_forward(q, k, v, config, scale, mode, spans):
     document's output into the row; the tables are ``(1, Hq, Nq, W)``, ``W`` from
     :func:`_row_table_width`.
     """
-    _, hq, length, head_dim = q.shape
-    bs = config.block_size
-    nq = -(-length // bs)
-    sparse, dense, visible, dense_pairs = [], [], 0, 0
-    for start, n in spans:
-        blocks = -(-n // bs)
-        visible += blocks * (blocks + 1) // 2  # causally visible blocks of an n-token call
-        s = slice(start, start + n)
-        if config.runs_dense((1, hq, n, head_dim), n):
-            dense.append((s, dense_attention(q[:, :, s], k[:, :, s], v[:, :, s], scale, mode)))
-            dense_pairs += blocks * (blocks + 1) // 2
-        else:
-            sparse.append((start, n))
+    length = q.shape[2]
+    nq = -(-length // config.block_size)
+    sparse, dense, visible, dense_pairs = _split_dense(q, k, v, config, scale, mode, spans)
     width = _row_table_width(spans, nq, config, mode, q.device)
     tables = _marked(_row_tables(q, k, v, config, scale, mode, tuple(sparse), nq, width), mode)
     mask = table_block_mask(tables, length, length, 0, config, q.device)
@@ -814,7 +817,7 @@ def _row_tables(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
     hq = q.shape[1]
     bs = config.block_size
     blocks = [-(-n // bs) for _, n in spans]
-    if config.output_error is not None or any(nb > chunk_rows(config, 1, hq, nb) for nb in blocks):
+    if any(nb > chunk_rows(config, 1, hq, nb) for nb in blocks):
         return _tables_per_document(q, k, v, config, scale, mode, spans, nq, width)
     pool = config.final_block_pool
     args = (
@@ -873,7 +876,6 @@ def _select_documents(
     ``(1, Hkv, ceil(L / pool), D)`` (``None`` without ``final_block_pool``). Each document's
     slices are made contiguous, so its stage sees what its own call would."""
     bs, pool = config.block_size, config.final_block_pool
-    thresholds = Thresholds.of(config)
     row = _new_row_tables(q_pool.shape[1], nq, width, q_pool.device)
     for i, (start, n) in enumerate(spans):
         first, blocks = start // bs, -(-n // bs)
@@ -886,18 +888,9 @@ def _select_documents(
             if k_fine is None
             else k_fine[:, :, start // pool : -(-(start + n) // pool)].contiguous(),
         )
-        own = run_stage(
-            score_and_select_tables,
-            mode,
-            config,
-            *_mark_pooled(pooled, mode),
-            n,
-            n,
-            config.high_temperature,
-            config.low_temperature,
-            *thresholds,
+        _write_document(
+            row, _own_selection(config, mode, _mark_pooled(pooled, mode), n), first, blocks
         )
-        _write_document(row, own, first, blocks)
     return BlockTables(*row)
 
 
@@ -909,7 +902,7 @@ _GRAPHED_DOCUMENTS = GraphedStage(_select_documents, compile_stage=False, clone_
 
 def _tables_per_document(q, k, v, config, scale, mode, spans, nq, width) -> BlockTables:
     """:func:`_row_tables` by :func:`_all_tables` of each document's view (documents too long
-    for one selection graph, or the threshold fit)."""
+    for one selection graph)."""
     bs = config.block_size
     row = _new_row_tables(q.shape[1], nq, width, q.device)
     for start, n in spans:
